@@ -1,0 +1,102 @@
+"""Attention over a (possibly compressed) cache, registered with transformers.
+
+``curdkv`` is registered in transformers' ``AttentionInterface``; the runtime
+switches a model to it for the duration of a compression or a question. It
+does two things the stock functions cannot:
+
+- attends correctly when the cache holds fewer tokens than the logical
+  sequence: new tokens see every stored token, and each other causally
+  (bottom-right aligned), whatever was evicted;
+- records the post-RoPE queries of the last context tokens during prefill,
+  so a press that needs the observation window never recomputes ``q_proj``.
+
+No mask is built by transformers for this implementation (it is not in the
+mask interface), so padding is refused by the runtime rather than ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+ATTENTION_NAME = "curdkv"
+
+
+class QueryRecorder:
+    """Keeps the last ``window`` prefill queries of each layer, ``[B, H, W, D]``."""
+
+    def __init__(self, window: int):
+        self.window = window
+        self.queries: dict[int, torch.Tensor] = {}
+
+    def record(self, layer_idx: int, query: torch.Tensor) -> None:
+        self.queries[layer_idx] = query[:, :, -self.window :].detach()
+
+    def pop(self, layer_idx: int) -> torch.Tensor | None:
+        return self.queries.pop(layer_idx, None)
+
+
+# Attention modules (by id) whose prefill queries are being recorded.
+_recorders: dict[int, QueryRecorder] = {}
+
+
+@contextlib.contextmanager
+def recording_queries(modules, recorder: QueryRecorder):
+    """Record prefill queries of ``modules`` into ``recorder`` inside the block."""
+    keys = [id(m) for m in modules]
+    for k in keys:
+        _recorders[k] = recorder
+    try:
+        yield recorder
+    finally:
+        for k in keys:
+            _recorders.pop(k, None)
+
+
+def bottom_right_causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """Boolean ``[1, 1, q, kv]``: query i (the i-th of the last q tokens) sees keys ``<= kv - q + i``."""
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    return (k_pos <= q_pos)[None, None]
+
+
+def curdkv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention function with transformers' signature: query ``[B, H, q, D]``, key/value ``[B, H_kv, kv, D]``."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    recorder = _recorders.get(id(module))
+    if recorder is not None and recorder.window > 0 and q_len == kv_len:
+        recorder.record(module.layer_idx, query)
+    if attention_mask is not None:
+        # Only reachable when a caller passes a ready 4D mask; honour it as given.
+        mask = attention_mask
+    elif q_len == 1 or q_len == kv_len:
+        mask = None  # sdpa's own causal handling is exact here
+    else:
+        mask = bottom_right_causal_mask(q_len, kv_len, query.device)
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    return sdpa(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def register() -> str:
+    """Register the attention function (idempotent) and return its name."""
+    if ATTENTION_NAME not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(ATTENTION_NAME, curdkv_attention)
+    return ATTENTION_NAME
+
+
+@contextlib.contextmanager
+def using_curdkv_attention(model):
+    """Switch ``model`` to curdkv's attention inside the block, restoring the previous one after."""
+    register()
+    previous = model.config._attn_implementation
+    if previous == ATTENTION_NAME:
+        yield
+        return
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)

@@ -1,0 +1,132 @@
+"""Query-agnostic answering: compress a context once, ask it many questions.
+
+The context is compressed without seeing any question (the setting of the
+CurDKV paper and of kvpress's benchmarks). Questions are appended to the
+compressed cache with RoPE positions continuing after the *original* context
+length, answered greedily, and removed again, so every question sees the
+same compressed cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import using_curdkv_attention
+from .cache import CompressedCache
+from .runtime import PrefillCapture, capture_prefill, check_press, compress
+from .presses.base import Press
+
+_MARKER = "\x00curdkv-content\x00"
+
+
+def chat_parts(tokenizer) -> tuple[str, str]:
+    """Text before and after a user message in the tokenizer's chat template ('' and '' without one)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return "", ""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _MARKER}], tokenize=False, add_generation_prompt=True
+    )
+    prefix, suffix = text.split(_MARKER)
+    return prefix, suffix
+
+
+def encode_context(tokenizer, context: str, device=None) -> torch.Tensor:
+    """Token ids ``[1, N]`` of the chat prefix followed by ``context``."""
+    if not isinstance(context, str) or not context.strip():
+        raise ValueError("context must be a non-empty string")
+    prefix, _ = chat_parts(tokenizer)
+    ids = tokenizer(prefix + context, add_special_tokens=not prefix, return_tensors="pt").input_ids
+    return ids.to(device) if device is not None else ids
+
+
+def encode_question(tokenizer, question: str, answer_prefix: str | None = None, device=None) -> torch.Tensor:
+    """Token ids ``[1, Q]`` of a newline, the question, the end of the chat turn and the answer prefix."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("question must be a non-empty string")
+    _, suffix = chat_parts(tokenizer)
+    text = "\n" + question + suffix + (answer_prefix or "")
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    return ids.to(device) if device is not None else ids
+
+
+def _stop_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for source in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source is not None:
+            ids.update(int(i) for i in source)
+    return ids
+
+
+class CompressedContext:
+    """A context prefilled (and compressed) once; :meth:`ask` questions against it."""
+
+    def __init__(self, model, tokenizer, cache: CompressedCache, context_length: int, press: Press | None):
+        self.model, self.tokenizer, self.cache = model, tokenizer, cache
+        self.context_length = context_length
+        self.press = press
+
+    @classmethod
+    def from_capture(cls, model, tokenizer, capture: PrefillCapture, press: Press | None) -> "CompressedContext":
+        """The sweep path: a compressed context built from one captured prefill, without running the model."""
+        return cls(model, tokenizer, capture.build_cache(press), capture.seq_len, press)
+
+    def nbytes(self) -> int:
+        """Bytes of the context's keys and values held."""
+        return self.cache.nbytes()
+
+    @torch.no_grad()
+    def ask(self, question: str, max_new_tokens: int = 32, answer_prefix: str | None = None) -> str:
+        """Answer ``question`` greedily; the compressed cache is left as it was."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        device = self.cache.layers[0].keys.device
+        ids = encode_question(self.tokenizer, question, answer_prefix, device)
+        stop = _stop_ids(self.model, self.tokenizer)
+        snapshot = self.cache.snapshot()
+        position = self.context_length
+        generated: list[int] = []
+        try:
+            with using_curdkv_attention(self.model):
+                for _ in range(max_new_tokens):
+                    positions = torch.arange(position, position + ids.shape[1], device=device)[None]
+                    out = self.model(
+                        input_ids=ids, past_key_values=self.cache, position_ids=positions, use_cache=True,
+                        logits_to_keep=1,
+                    )
+                    position += ids.shape[1]
+                    token = int(out.logits[0, -1].argmax())
+                    if token in stop:
+                        break
+                    generated.append(token)
+                    ids = torch.tensor([[token]], device=device)
+        finally:
+            self.cache.restore(snapshot)
+        return self.tokenizer.decode(generated, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def prefill(model, tokenizer, context: str, press: Press | None = None) -> CompressedContext:
+    """Prefill ``context`` alone and compress it layer by layer with ``press`` (``None``: keep everything).
+
+    >>> ctx = curdkv.prefill(model, tokenizer, long_text, curdkv.CurDKVPress(compression_ratio=0.5))
+    >>> ctx.ask("What is the magic number?", max_new_tokens=16)
+    """
+    device = next(model.parameters()).device
+    ids = encode_context(tokenizer, context, device)
+    cache = CompressedCache()
+    if press is None:
+        with using_curdkv_attention(model):
+            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    else:
+        check_press(press)
+        with compress(model, press):
+            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return CompressedContext(model, tokenizer, cache, ids.shape[1], press)
+
+
+def prefill_capture(model, tokenizer, context: str, query_window: int = 64) -> PrefillCapture:
+    """The sweep path's prefill of a text context (see :func:`curdkv.capture_prefill`)."""
+    device = next(model.parameters()).device
+    return capture_prefill(model, encode_context(tokenizer, context, device), query_window)

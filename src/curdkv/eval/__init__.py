@@ -1,0 +1,1 @@
+"""Tasks and data for measuring accuracy under compression."""

@@ -1,0 +1,117 @@
+"""The press contract: a scoring rule over one layer's cached tokens.
+
+A press answers one question: how important is each cached token of this
+layer? It never touches hooks, caches or the model; the runtime hands it a
+:class:`ScoringView` and turns the returned scores into kept indices with the
+shared selection code (:mod:`curdkv.selection`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ScoringView:
+    """What a press may read for one layer, all tensors on the model's device.
+
+    keys, values: ``[B, H_kv, N, D]`` post-RoPE, as cached by the model.
+    queries: ``[B, H, W, D]`` post-RoPE queries of the last ``W`` context
+        tokens (the observation window), or ``None`` when no press asked for them.
+    module: the attention module (for ``o_proj``, head counts, scaling).
+    layer_idx: index of the layer in the model.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    queries: torch.Tensor | None
+    module: nn.Module | None
+    layer_idx: int
+
+    @property
+    def seq_len(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def scaling(self) -> float:
+        if self.module is not None and hasattr(self.module, "scaling"):
+            return float(self.module.scaling)
+        return 1.0 / math.sqrt(self.keys.shape[-1])
+
+
+def check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {sorted(allowed)!r}, got {value!r}")
+
+
+def check_int(name: str, value, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be an integer >= {minimum}{extra}, got {value!r}")
+
+
+@dataclass
+class Press:
+    """Base class of every scoring rule.
+
+    ``compression_ratio`` is the fraction of the context's tokens removed, in
+    ``[0, 1)``; 0 is an exact no-op (nothing is scored, nothing is copied).
+
+    Subclasses implement :meth:`score` and may protect tokens from eviction
+    through :attr:`protected_sinks` (the first tokens) and
+    :attr:`protected_recent` (the last tokens), which the selection honours
+    whatever the scores say. :attr:`query_window` is the number of last
+    context queries the press reads from ``view.queries`` (0: none).
+    ``scores_comparable_across_heads`` tells head-adaptive selection whether
+    one head's scores may be ranked against another's.
+    """
+
+    compression_ratio: float = 0.0
+
+    scores_comparable_across_heads = False
+
+    def __post_init__(self) -> None:
+        r = self.compression_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 <= r < 1.0) or math.isnan(r):
+            raise ValueError(f"compression_ratio must be a float in [0, 1), got {r!r}")
+        self.compression_ratio = float(r)
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__.removesuffix("Press").lower()
+
+    @property
+    def protected_sinks(self) -> int:
+        return 0
+
+    @property
+    def protected_recent(self) -> int:
+        return 0
+
+    @property
+    def query_window(self) -> int:
+        return 0
+
+    def score(self, view: ScoringView) -> torch.Tensor:
+        """Return float32 scores ``[B, H_kv, N]``; higher means keep."""
+        raise NotImplementedError
+
+    def with_ratio(self, compression_ratio: float) -> "Press":
+        """A copy of this press at another compression ratio."""
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        kwargs["compression_ratio"] = compression_ratio
+        return type(self)(**kwargs)
+
+    def describe(self) -> str:
+        params = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.init)
+        return f"{type(self).__name__}({params})"

@@ -1,0 +1,195 @@
+"""When compression happens: during prefill, or from one captured prefill.
+
+Two paths keep exactly the same tokens, because compressing layer l after
+its prefill attention does not change what layer l+1 sees:
+
+- :func:`compress` compresses each layer's cache right after that layer's
+  prefill attention (a forward hook), so peak memory never holds the full
+  cache of every layer;
+- :func:`capture_prefill` runs one full prefill and keeps what presses read,
+  then :meth:`PrefillCapture.build_cache` builds a compressed cache for any
+  press and ratio without running the model again (the sweep path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+from transformers import DynamicCache
+
+from .attention import QueryRecorder, recording_queries, using_curdkv_attention
+from .cache import CompressedCache, CompressedLayer
+from .presses.base import Press, ScoringView
+from .selection import gather_tokens, kept_count, select_uniform
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def attention_modules(model) -> list[torch.nn.Module]:
+    """The self-attention module of every decoder layer, in order."""
+    check_model(model)
+    return [layer.self_attn for layer in model.model.layers]
+
+
+def check_model(model) -> None:
+    """Raise a clear error for models the runtime cannot compress."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"unsupported architecture {model_type!r}: model must be a causal LM of type {list(SUPPORTED_MODEL_TYPES)}"
+        )
+    layer_types = getattr(config, "layer_types", None) or []
+    sliding = any(t != "full_attention" for t in layer_types)
+    if model_type == "mistral" and getattr(config, "sliding_window", None) is not None:
+        sliding = True
+    if sliding:
+        raise ValueError(
+            "unsupported attention: the model uses sliding-window layers; curdkv compresses full-attention caches "
+            "(set config.sliding_window=None / use_sliding_window=False to run it with full attention)"
+        )
+    if not hasattr(getattr(model, "model", None), "layers"):
+        raise ValueError(f"unsupported model class {type(model).__name__}: expected model.model.layers")
+
+
+def check_press(press) -> Press:
+    if not isinstance(press, Press):
+        raise TypeError(f"press must be a curdkv Press (e.g. curdkv.CurDKVPress()), got {type(press).__name__}")
+    return press
+
+
+def compress_states(press: Press, keys, values, queries, module, layer_idx: int):
+    """Keep ``press``'s choice of tokens: returns ``(kept_keys, kept_values, evicted)``.
+
+    keys, values: ``[B, H_kv, N, D]``; queries: ``[B, H, W, D]`` or ``None``.
+    """
+    n = keys.shape[2]
+    n_keep = kept_count(n, press.compression_ratio)
+    if n_keep == n:
+        return keys, values, 0
+    view = ScoringView(keys=keys, values=values, queries=queries, module=module, layer_idx=layer_idx)
+    scores = press.score(view)
+    expected = tuple(keys.shape[:3])
+    if tuple(scores.shape) != expected:
+        raise ValueError(f"{type(press).__name__}.score returned shape {tuple(scores.shape)}, expected {expected}")
+    indices = select_uniform(scores, n_keep, press.protected_sinks, press.protected_recent)
+    return gather_tokens(keys, indices), gather_tokens(values, indices), n - n_keep
+
+
+def _refuse_padding(module, args, kwargs):
+    mask = kwargs.get("attention_mask")
+    if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+        mask = args[1]
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
+        raise ValueError(
+            "attention_mask has padding: curdkv compresses batches of equal-length contexts; "
+            "run padded sequences one at a time"
+        )
+
+
+def _compress_after_attention(press: Press, recorder: QueryRecorder, module, args, kwargs, output):
+    cache = kwargs.get("past_key_values")
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    queries = recorder.pop(module.layer_idx)
+    if cache is None or hidden is None:
+        return
+    layer = cache.layers[module.layer_idx]
+    if layer.get_seq_length() != hidden.shape[1]:
+        return  # not a first prefill: tokens appended to an existing cache are never evicted
+    keys, values, evicted = compress_states(press, layer.keys, layer.values, queries, module, module.layer_idx)
+    if isinstance(layer, CompressedLayer):
+        layer.set_states(keys, values, evicted)
+    else:
+        cache.layers[module.layer_idx] = CompressedLayer.from_states(keys, values, evicted)
+
+
+@contextlib.contextmanager
+def compress(model, press: Press):
+    """Compress the KV cache of every prefill run inside the block.
+
+    >>> with curdkv.compress(model, curdkv.CurDKVPress(compression_ratio=0.5)):
+    ...     out = model.generate(input_ids, max_new_tokens=32)
+
+    Each layer's cache is compressed right after that layer's prefill
+    attention; tokens generated afterwards are appended and never evicted.
+    Hooks and the attention switch are removed on exit, also after an error.
+    A ratio of 0 changes nothing.
+    """
+    check_press(press)
+    modules = attention_modules(model)
+    if press.compression_ratio == 0.0:
+        yield
+        return
+    recorder = QueryRecorder(press.query_window)
+    hook = functools.partial(_compress_after_attention, press, recorder)
+    handles = []
+    try:
+        with using_curdkv_attention(model), recording_queries(modules, recorder):
+            handles.append(model.register_forward_pre_hook(_refuse_padding, with_kwargs=True))
+            for m in modules:
+                handles.append(m.register_forward_hook(hook, with_kwargs=True))
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class PrefillCapture:
+    """One full prefill's keys, values and window queries, per layer.
+
+    ``keys[l]``/``values[l]``: ``[B, H_kv, N, D]``; ``queries[l]``: ``[B, H, W, D]``.
+    """
+
+    def __init__(self, keys, values, queries, modules, seq_len: int):
+        self.keys, self.values, self.queries = keys, values, queries
+        self.modules = modules
+        self.seq_len = seq_len
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
+
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in zip(self.keys, self.values))
+
+    def build_cache(self, press: Press | None) -> CompressedCache:
+        """A compressed cache for ``press`` (``None``: the full cache, shared, not copied)."""
+        layers = []
+        for idx in range(self.num_layers):
+            k, v = self.keys[idx], self.values[idx]
+            evicted = 0
+            if press is not None:
+                check_press(press)
+                if press.query_window > (0 if self.queries[idx] is None else self.queries[idx].shape[2]):
+                    raise ValueError(
+                        f"{type(press).__name__} needs {press.query_window} window queries; "
+                        f"capture_prefill(query_window=...) recorded fewer"
+                    )
+                q = self.queries[idx]
+                if q is not None and press.query_window:
+                    q = q[:, :, -press.query_window :]
+                k, v, evicted = compress_states(press, k, v, q, self.modules[idx], idx)
+            layers.append(CompressedLayer.from_states(k, v, evicted))
+        return CompressedCache.from_layers(layers)
+
+
+@torch.no_grad()
+def capture_prefill(model, input_ids: torch.Tensor, query_window: int = 64) -> PrefillCapture:
+    """Run one full prefill of ``input_ids`` ``[B, N]`` and keep what presses read."""
+    modules = attention_modules(model)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a [batch, seq_len] tensor of token ids")
+    if input_ids.shape[1] == 0:
+        raise ValueError("the context is empty: input_ids has no tokens")
+    if query_window < 0:
+        raise ValueError(f"query_window must be >= 0, got {query_window}")
+    recorder = QueryRecorder(min(query_window, input_ids.shape[1]))
+    cache = DynamicCache()
+    with using_curdkv_attention(model), recording_queries(modules, recorder):
+        model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    keys = [cache.layers[i].keys for i in range(len(modules))]
+    values = [cache.layers[i].values for i in range(len(modules))]
+    queries = [recorder.queries.get(i) for i in range(len(modules))]
+    return PrefillCapture(keys, values, queries, modules, input_ids.shape[1])
