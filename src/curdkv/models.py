@@ -191,7 +191,9 @@ def load_model(name: str = DEFAULT_MODEL, dtype=None, device=None, attn_implemen
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
         return model.eval(), None
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # GGUF loading warns about dtype choices we make on purpose
+    hf_logging.disable_progress_bar()
     try:
         if name in BUNDLED:
             path = bundled_gguf(name)
@@ -207,4 +209,6 @@ def load_model(name: str = DEFAULT_MODEL, dtype=None, device=None, attn_implemen
         )
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     return model.to(device).eval(), tokenizer

