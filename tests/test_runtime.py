@@ -323,14 +323,14 @@ def test_hooks_removed_after_block(model, press_name):
         assert model.config._attn_implementation == "curdkv"
         assert all(len(layer.self_attn._forward_hooks) == 1 for layer in model.model.layers)
         assert len(model._forward_pre_hooks) == 1
-        model(input_ids=random_ids(100))
+        model(input_ids=random_ids(200))
     assert_no_hooks(model)
 
 
 def test_hooks_removed_after_exception_in_block(model):
     with pytest.raises(_Boom):
         with curdkv.compress(model, curdkv.SnapKVPress(compression_ratio=0.5)):
-            model(input_ids=random_ids(100))
+            model(input_ids=random_ids(200))
             raise _Boom("user code failed")
     assert_no_hooks(model)
 
