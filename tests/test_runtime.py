@@ -237,19 +237,7 @@ def _compress_batch(model, press, ids) -> CompressedCache:
 
 @pytest.mark.parametrize(
     "press_name",
-    [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="RandomPress draws one [B, H, N] tensor from a per-layer seed, so the tokens a batch "
-                "element keeps depend on its position in the batch (element 1 differs from running it alone)",
-            ),
-        )
-        if name == "random"
-        else name
-        for name in PRESS_NAMES
-    ],
+    PRESS_NAMES,
 )
 def test_batch_equals_each_alone(model, press_name):
     press = make_press(press_name)

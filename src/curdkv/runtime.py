@@ -66,6 +66,8 @@ def compress_states(press: Press, keys, values, queries, module, layer_idx: int)
     keys, values: ``[B, H_kv, N, D]``; queries: ``[B, H, W, D]`` or ``None``.
     """
     n = keys.shape[2]
+    if n == 0:
+        raise ValueError("the context is empty: there is nothing to compress")
     n_keep = kept_count(n, press.compression_ratio)
     if n_keep == n:
         return keys, values, 0
@@ -162,7 +164,9 @@ class PrefillCapture:
             evicted = 0
             if press is not None:
                 check_press(press)
-                if press.query_window > (0 if self.queries[idx] is None else self.queries[idx].shape[2]):
+                recorded = 0 if self.queries[idx] is None else self.queries[idx].shape[2]
+                # A context shorter than the window is reported by selection, which names both lengths.
+                if recorded < min(press.query_window, self.seq_len):
                     raise ValueError(
                         f"{type(press).__name__} needs {press.query_window} window queries; "
                         f"capture_prefill(query_window=...) recorded fewer"

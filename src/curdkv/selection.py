@@ -20,7 +20,8 @@ def kept_count(seq_len: int, compression_ratio: float) -> int:
     if not 0.0 <= compression_ratio < 1.0:
         raise ValueError(f"compression_ratio must be in [0, 1), got {compression_ratio!r}")
     removed = int(seq_len * compression_ratio + 1e-9)
-    return seq_len - removed
+    # A ratio a hair below 1 must not round to an empty cache.
+    return max(seq_len - removed, min(seq_len, 1))
 
 
 def check_budget(seq_len: int, n_keep: int, sinks: int, recent: int) -> None:
@@ -44,7 +45,10 @@ def protect(scores: torch.Tensor, sinks: int, recent: int) -> torch.Tensor:
     """Scores ``[..., N]`` with the protected positions raised above every other."""
     if sinks == 0 and recent == 0:
         return scores
-    scores = scores.clone()
+    # Clamp infinities first: a press scoring some token +inf must not tie with
+    # (and so possibly displace) a protected token.
+    finfo = torch.finfo(scores.dtype)
+    scores = torch.nan_to_num(scores, posinf=finfo.max, neginf=finfo.min)
     n = scores.shape[-1]
     if sinks:
         scores[..., : min(sinks, n)] = float("inf")

@@ -28,17 +28,18 @@ def exact_leverage(states: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
     """Leverage scores of each head's ``[N, D]`` matrix: squared row norms of U in X = U S Vt.
 
     Computed as ``x_j (XᵀX)⁻¹ x_jᵀ`` through a Cholesky factor of the D x D
-    Gram matrix, so the cost is O(N D²) rather than an N x D SVD. A ridge of
-    ``ridge * trace / D`` keeps rank-deficient heads finite (their null
-    directions then carry ~0 leverage, as in the SVD with zero singular values
-    dropped).
+    Gram matrix, so the cost is O(N D²) rather than an N x D SVD. Leverage is
+    unchanged by rescaling columns, so columns are first scaled to unit norm
+    (keys and values have channels of very different magnitude, which would
+    otherwise make the Gram matrix ill-conditioned); a ridge of ``ridge`` on
+    that unit diagonal keeps rank-deficient heads finite (their null directions
+    then carry ~0 leverage, as in the SVD with zero singular values dropped).
     """
     x = states.float()
-    gram = x.transpose(-1, -2) @ x  # [B, H, D, D]
+    x = x / x.norm(dim=-2, keepdim=True).clamp_min(1e-30)
+    gram = x.transpose(-1, -2) @ x  # [B, H, D, D], unit diagonal
     d = gram.shape[-1]
-    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30)
-    eye = torch.eye(d, device=x.device, dtype=x.dtype)
-    gram = gram + (ridge * trace / d)[..., None, None] * eye
+    gram = gram + ridge * torch.eye(d, device=x.device, dtype=x.dtype)
     chol, info = torch.linalg.cholesky_ex(gram)
     if bool((info != 0).any()):
         # Numerically indefinite after the ridge: fall back to an eigen-solve for those heads.

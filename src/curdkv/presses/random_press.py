@@ -11,7 +11,11 @@ from .base import Press, ScoringView, check_int
 
 @dataclass
 class RandomPress(Press):
-    """Uniformly random scores (a control, no paper). Seeded per layer so runs repeat."""
+    """Uniformly random scores (a control, no paper).
+
+    Seeded per layer so runs repeat. Every batch element gets the same draw, so
+    what a sequence keeps does not depend on which batch it was run in.
+    """
 
     seed: int = 0
 
@@ -25,4 +29,5 @@ class RandomPress(Press):
 
     def score(self, view: ScoringView) -> torch.Tensor:
         gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + view.layer_idx)
-        return torch.rand(view.keys.shape[:3], generator=gen).to(view.keys.device)
+        b, h, n = view.keys.shape[:3]
+        return torch.rand((1, h, n), generator=gen).expand(b, h, n).to(view.keys.device)
