@@ -105,3 +105,21 @@ def test_default_estimator_needle(smollm2, sample):
     ctx = curdkv.prefill(model, tokenizer, sample.context, curdkv.CurDKVPress(compression_ratio=0.5))
     prediction = ask(ctx, sample)
     assert answered(sample, prediction), f"default CurDKV at 50% answered {prediction!r}, expected {sample.answer}"
+
+
+def test_adacurdkv_half_cache_answers_needle_on_the_ragged_cache(smollm2, sample, full_ctx):
+    model, tokenizer = smollm2
+    capture = curdkv.prefill_capture(model, tokenizer, sample.context)
+    press = curdkv.AdaCurDKV(compression_ratio=0.5, estimator="exact")
+    ragged = CompressedContext.from_capture(model, tokenizer, capture, press)
+    masked = CompressedContext.from_capture(model, tokenizer, capture, press, layout="masked")
+    assert all(isinstance(layer, curdkv.RaggedLayer) for layer in ragged.cache.layers)
+    lengths = torch.stack([layer.lengths for layer in ragged.cache.layers])
+    assert lengths.min() < lengths.max(), "heads should get different budgets"
+    prediction = ask(ragged, sample)
+    assert answered(sample, prediction), f"AdaCurDKV at 50% answered {prediction!r}, expected {sample.answer}"
+    assert ask(masked, sample) == prediction
+    assert ask(ragged, sample) == prediction, "asking must leave the ragged cache as it was"
+    # the ragged cache really holds half; the masked reference (kvpress's layout) holds everything
+    assert ragged.nbytes() / full_ctx.nbytes() == pytest.approx(0.5, abs=0.01)
+    assert masked.nbytes() >= full_ctx.nbytes()

@@ -6,10 +6,14 @@ paper compares against.
 """
 
 from .cache import CompressedCache, CompressedLayer, cache_nbytes
+from .ragged_layer import MaskedLayer, RaggedLayer
 from .context import CompressedContext, prefill, prefill_capture
 from .models import DEFAULT_MODEL, load_model
 from .presses import (
     PRESSES,
+    AdaCurDKV,
+    AdaKV,
+    AdaSnapKV,
     ChunkKVPress,
     CurDKVPress,
     KNormPress,
@@ -25,6 +29,11 @@ from .runtime import PrefillCapture, capture_prefill, compress
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaKV",
+    "AdaCurDKV",
+    "AdaSnapKV",
+    "RaggedLayer",
+    "MaskedLayer",
     "CompressedCache",
     "CompressedLayer",
     "CompressedContext",

@@ -7,6 +7,9 @@ does two things the stock functions cannot:
 - attends correctly when the cache holds fewer tokens than the logical
   sequence: new tokens see every stored token, and each other causally
   (bottom-right aligned), whatever was evicted;
+- attends over head-adaptive caches: the ragged layout (each KV head its
+  own kept tokens; a Triton kernel on CUDA, a PyTorch reference elsewhere)
+  and the masked reference layout;
 - records the post-RoPE queries of the last context tokens during prefill,
   so a press that needs the observation window never recomputes ``q_proj``.
 
@@ -21,6 +24,9 @@ import contextlib
 import torch
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .ragged import RaggedKV, ragged_attention
+from .ragged_layer import MaskedKV, masked_to_dense_mask
 
 ATTENTION_NAME = "curdkv"
 
@@ -65,6 +71,12 @@ def bottom_right_causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
 
 def curdkv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention function with transformers' signature: query ``[B, H, q, D]``, key/value ``[B, H_kv, kv, D]``."""
+    if isinstance(key, RaggedKV):
+        return ragged_attention(query, key, scaling), None
+    if isinstance(key, MaskedKV):
+        mask = masked_to_dense_mask(key, query.shape[2], query.shape[1] // key.keys.shape[1])
+        sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        return sdpa(module, query, key.keys, key.values, mask, dropout=dropout, scaling=scaling, **kwargs)
     q_len, kv_len = query.shape[2], key.shape[2]
     recorder = _recorders.get(id(module))
     if recorder is not None and recorder.window > 0 and q_len == kv_len:

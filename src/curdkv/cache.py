@@ -58,6 +58,12 @@ class CompressedLayer(DynamicLayer):
         self.evicted = 0
         super().reset()
 
+    def snapshot(self):
+        return self.keys, self.values, self.evicted, self.is_initialized
+
+    def restore(self, state) -> None:
+        self.keys, self.values, self.evicted, self.is_initialized = state
+
     def nbytes(self) -> int:
         if not self.is_initialized or self.keys is None:
             return 0
@@ -65,7 +71,7 @@ class CompressedLayer(DynamicLayer):
 
 
 def layer_nbytes(layer) -> int:
-    if isinstance(layer, CompressedLayer):
+    if hasattr(layer, "nbytes"):
         return layer.nbytes()
     keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
     if keys is None or values is None:
@@ -106,12 +112,12 @@ class CompressedCache(DynamicCache):
     def stored_lengths(self) -> list[int]:
         return [layer.stored_length for layer in self.layers]
 
-    def snapshot(self) -> list[tuple]:
-        """References to every layer's state; tensors are not copied (updates concatenate into new ones)."""
-        return [(layer.keys, layer.values, layer.evicted, layer.is_initialized) for layer in self.layers]
+    def snapshot(self) -> list:
+        """Every layer's state, without copying tensors (appending never writes into held tokens)."""
+        return [layer.snapshot() for layer in self.layers]
 
-    def restore(self, snapshot: list[tuple]) -> None:
+    def restore(self, snapshot: list) -> None:
         """Return to a :meth:`snapshot`, dropping tokens appended since."""
         del self.layers[len(snapshot) :]
-        for layer, (keys, values, evicted, initialised) in zip(self.layers, snapshot):
-            layer.keys, layer.values, layer.evicted, layer.is_initialized = keys, values, evicted, initialised
+        for layer, state in zip(self.layers, snapshot):
+            layer.restore(state)

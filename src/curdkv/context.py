@@ -68,9 +68,11 @@ class CompressedContext:
         self.press = press
 
     @classmethod
-    def from_capture(cls, model, tokenizer, capture: PrefillCapture, press: Press | None) -> "CompressedContext":
+    def from_capture(
+        cls, model, tokenizer, capture: PrefillCapture, press: Press | None, layout: str | None = None
+    ) -> "CompressedContext":
         """The sweep path: a compressed context built from one captured prefill, without running the model."""
-        return cls(model, tokenizer, capture.build_cache(press), capture.seq_len, press)
+        return cls(model, tokenizer, capture.build_cache(press, layout), capture.seq_len, press)
 
     def nbytes(self) -> int:
         """Bytes of the context's keys and values held."""
@@ -107,8 +109,13 @@ class CompressedContext:
 
 
 @torch.no_grad()
-def prefill(model, tokenizer, context: str, press: Press | None = None) -> CompressedContext:
+def prefill(
+    model, tokenizer, context: str, press: Press | None = None, layout: str | None = None
+) -> CompressedContext:
     """Prefill ``context`` alone and compress it layer by layer with ``press`` (``None``: keep everything).
+
+    ``layout`` is where kept tokens live (see :func:`curdkv.runtime.compress_layer`);
+    the default suits the press (ragged for head-adaptive presses).
 
     >>> ctx = curdkv.prefill(model, tokenizer, long_text, curdkv.CurDKVPress(compression_ratio=0.5))
     >>> ctx.ask("What is the magic number?", max_new_tokens=16)
@@ -121,7 +128,7 @@ def prefill(model, tokenizer, context: str, press: Press | None = None) -> Compr
             model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     else:
         check_press(press)
-        with compress(model, press):
+        with compress(model, press, layout):
             model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     return CompressedContext(model, tokenizer, cache, ids.shape[1], press)
 

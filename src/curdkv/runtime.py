@@ -21,8 +21,9 @@ from transformers import DynamicCache
 
 from .attention import QueryRecorder, recording_queries, using_curdkv_attention
 from .cache import CompressedCache, CompressedLayer
-from .presses.base import Press, ScoringView
-from .selection import gather_tokens, kept_count, select_uniform
+from .presses.base import Press, ScoringView, check_choice
+from .ragged_layer import MaskedLayer, RaggedLayer
+from .selection import gather_tokens, kept_count, select_adaptive, select_uniform
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -60,24 +61,66 @@ def check_press(press) -> Press:
     return press
 
 
-def compress_states(press: Press, keys, values, queries, module, layer_idx: int):
-    """Keep ``press``'s choice of tokens: returns ``(kept_keys, kept_values, evicted)``.
+LAYOUTS = ("dense", "ragged", "masked")
 
-    keys, values: ``[B, H_kv, N, D]``; queries: ``[B, H, W, D]`` or ``None``.
-    """
-    n = keys.shape[2]
-    if n == 0:
-        raise ValueError("the context is empty: there is nothing to compress")
-    n_keep = kept_count(n, press.compression_ratio)
-    if n_keep == n:
-        return keys, values, 0
+
+def _scores(press: Press, keys, values, queries, module, layer_idx: int) -> torch.Tensor:
     view = ScoringView(keys=keys, values=values, queries=queries, module=module, layer_idx=layer_idx)
     scores = press.score(view)
     expected = tuple(keys.shape[:3])
     if tuple(scores.shape) != expected:
         raise ValueError(f"{type(press).__name__}.score returned shape {tuple(scores.shape)}, expected {expected}")
-    indices = select_uniform(scores, n_keep, press.protected_sinks, press.protected_recent)
-    return gather_tokens(keys, indices), gather_tokens(values, indices), n - n_keep
+    return scores
+
+
+def compress_states(press: Press, keys, values, queries, module, layer_idx: int):
+    """Keep a uniform press's choice of tokens: returns ``(kept_keys, kept_values, evicted)``.
+
+    keys, values: ``[B, H_kv, N, D]``; queries: ``[B, H, W, D]`` or ``None``.
+    """
+    layer = compress_layer(press, keys, values, queries, module, layer_idx, "dense")
+    return layer.keys, layer.values, layer.evicted
+
+
+def is_head_adaptive(press: Press) -> bool:
+    return bool(getattr(press, "head_adaptive", False))
+
+
+def compress_layer(press: Press, keys, values, queries, module, layer_idx: int, layout: str | None = None):
+    """One layer's compressed cache: a :class:`CompressedLayer`, :class:`RaggedLayer` or :class:`MaskedLayer`.
+
+    ``layout``: ``"dense"`` (uniform presses; the default for them),
+    ``"ragged"`` (each head its own kept tokens; the default for head-adaptive
+    presses) or ``"masked"`` (everything stored, evicted entries hidden: the
+    reference layout, which saves no memory).
+    """
+    adaptive = is_head_adaptive(press)
+    layout = layout or ("ragged" if adaptive else "dense")
+    check_choice("layout", layout, LAYOUTS)
+    if layout == "dense" and adaptive:
+        raise ValueError(f"layout must be 'ragged' or 'masked' for the head-adaptive press {press.name!r}, got 'dense'")
+    n = keys.shape[2]
+    if n == 0:
+        raise ValueError("the context is empty: there is nothing to compress")
+    n_keep = kept_count(n, press.compression_ratio)
+    if n_keep == n:
+        return CompressedLayer.from_states(keys, values, 0)
+    view = ScoringView(keys=keys, values=values, queries=queries, module=module, layer_idx=layer_idx)
+    scores = press.score(view)
+    if tuple(scores.shape) != tuple(keys.shape[:3]):
+        raise ValueError(
+            f"{type(press).__name__}.score returned shape {tuple(scores.shape)}, expected {tuple(keys.shape[:3])}"
+        )
+    sinks, recent = press.protected_sinks, press.protected_recent
+    if adaptive:
+        keep = select_adaptive(scores, n_keep, press.alpha, sinks, recent)
+    else:
+        indices = select_uniform(scores, n_keep, sinks, recent)
+        if layout == "dense":
+            return CompressedLayer.from_states(gather_tokens(keys, indices), gather_tokens(values, indices), n - n_keep)
+        keep = torch.zeros(keys.shape[:3], dtype=torch.bool, device=keys.device).scatter_(-1, indices, True)
+    layer_class = RaggedLayer if layout == "ragged" else MaskedLayer
+    return layer_class.from_mask(keys, values, keep)
 
 
 def _refuse_padding(module, args, kwargs):
@@ -91,7 +134,7 @@ def _refuse_padding(module, args, kwargs):
         )
 
 
-def _compress_after_attention(press: Press, recorder: QueryRecorder, module, args, kwargs, output):
+def _compress_after_attention(press: Press, layout, recorder: QueryRecorder, module, args, kwargs, output):
     cache = kwargs.get("past_key_values")
     hidden = kwargs.get("hidden_states", args[0] if args else None)
     queries = recorder.pop(module.layer_idx)
@@ -100,15 +143,13 @@ def _compress_after_attention(press: Press, recorder: QueryRecorder, module, arg
     layer = cache.layers[module.layer_idx]
     if layer.get_seq_length() != hidden.shape[1]:
         return  # not a first prefill: tokens appended to an existing cache are never evicted
-    keys, values, evicted = compress_states(press, layer.keys, layer.values, queries, module, module.layer_idx)
-    if isinstance(layer, CompressedLayer):
-        layer.set_states(keys, values, evicted)
-    else:
-        cache.layers[module.layer_idx] = CompressedLayer.from_states(keys, values, evicted)
+    cache.layers[module.layer_idx] = compress_layer(
+        press, layer.keys, layer.values, queries, module, module.layer_idx, layout
+    )
 
 
 @contextlib.contextmanager
-def compress(model, press: Press):
+def compress(model, press: Press, layout: str | None = None):
     """Compress the KV cache of every prefill run inside the block.
 
     >>> with curdkv.compress(model, curdkv.CurDKVPress(compression_ratio=0.5)):
@@ -117,15 +158,17 @@ def compress(model, press: Press):
     Each layer's cache is compressed right after that layer's prefill
     attention; tokens generated afterwards are appended and never evicted.
     Hooks and the attention switch are removed on exit, also after an error.
-    A ratio of 0 changes nothing.
+    A ratio of 0 changes nothing. ``layout``: see :func:`compress_layer`.
     """
     check_press(press)
+    if layout is not None:
+        check_choice("layout", layout, LAYOUTS)
     modules = attention_modules(model)
     if press.compression_ratio == 0.0:
         yield
         return
     recorder = QueryRecorder(press.query_window)
-    hook = functools.partial(_compress_after_attention, press, recorder)
+    hook = functools.partial(_compress_after_attention, press, layout, recorder)
     handles = []
     try:
         with using_curdkv_attention(model), recording_queries(modules, recorder):
@@ -156,12 +199,14 @@ class PrefillCapture:
     def nbytes(self) -> int:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in zip(self.keys, self.values))
 
-    def build_cache(self, press: Press | None) -> CompressedCache:
-        """A compressed cache for ``press`` (``None``: the full cache, shared, not copied)."""
+    def build_cache(self, press: Press | None, layout: str | None = None) -> CompressedCache:
+        """A compressed cache for ``press`` (``None``: the full cache, shared, not copied).
+
+        ``layout``: see :func:`compress_layer`.
+        """
         layers = []
         for idx in range(self.num_layers):
             k, v = self.keys[idx], self.values[idx]
-            evicted = 0
             if press is not None:
                 check_press(press)
                 recorded = 0 if self.queries[idx] is None else self.queries[idx].shape[2]
@@ -174,8 +219,9 @@ class PrefillCapture:
                 q = self.queries[idx]
                 if q is not None and press.query_window:
                     q = q[:, :, -press.query_window :]
-                k, v, evicted = compress_states(press, k, v, q, self.modules[idx], idx)
-            layers.append(CompressedLayer.from_states(k, v, evicted))
+                layers.append(compress_layer(press, k, v, q, self.modules[idx], idx, layout))
+            else:
+                layers.append(CompressedLayer.from_states(k, v, 0))
         return CompressedCache.from_layers(layers)
 
 

@@ -57,17 +57,48 @@ def protect(scores: torch.Tensor, sinks: int, recent: int) -> torch.Tensor:
     return scores
 
 
-def select_uniform(scores: torch.Tensor, n_keep: int, sinks: int = 0, recent: int = 0) -> torch.Tensor:
-    """Top-``n_keep`` tokens of every KV head; returns sorted indices ``[B, H_kv, n_keep]``."""
+def _checked(scores: torch.Tensor, n_keep: int, sinks: int, recent: int) -> torch.Tensor:
     if scores.dim() != 3:
         raise ValueError(f"scores must have shape [B, H_kv, N], got {tuple(scores.shape)}")
-    n = scores.shape[-1]
-    check_budget(n, n_keep, sinks, recent)
+    check_budget(scores.shape[-1], n_keep, sinks, recent)
     if torch.isnan(scores).any():
         raise ValueError("the press returned NaN scores")
-    scores = protect(scores.float(), sinks, recent)
+    return protect(scores.float(), sinks, recent)
+
+
+def select_uniform(scores: torch.Tensor, n_keep: int, sinks: int = 0, recent: int = 0) -> torch.Tensor:
+    """Top-``n_keep`` tokens of every KV head; returns sorted indices ``[B, H_kv, n_keep]``."""
+    scores = _checked(scores, n_keep, sinks, recent)
     idx = scores.topk(n_keep, dim=-1, sorted=False).indices
     return idx.sort(dim=-1).values
+
+
+def select_adaptive(
+    scores: torch.Tensor, n_keep: int, alpha: float, sinks: int = 0, recent: int = 0
+) -> torch.Tensor:
+    """Head-adaptive budgets (AdaKV, arXiv 2407.11550): a keep mask ``[B, H_kv, N]``.
+
+    Each batch element keeps ``H_kv * n_keep`` tokens in total. Every head first
+    keeps its own top ``floor(alpha * n_keep)`` (the safeguard against a head
+    being starved), then the rest of the budget goes to the highest remaining
+    scores over all heads of the layer. Protected tokens rank above everything,
+    so they are kept whatever the safeguard. ``alpha = 1`` is the uniform
+    selection exactly.
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a float in [0, 1], got {alpha!r}")
+    scores = _checked(scores, n_keep, sinks, recent)
+    b, h, n = scores.shape
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    safeguard = int(alpha * n_keep + 1e-9)
+    if safeguard:
+        keep.scatter_(-1, scores.topk(safeguard, dim=-1, sorted=False).indices, True)
+    shared = h * (n_keep - safeguard)
+    if shared:
+        # Kept tokens drop to -inf, below every remaining (finite) score.
+        rest = scores.masked_fill(keep, float("-inf")).reshape(b, h * n)
+        keep.view(b, h * n).scatter_(-1, rest.topk(shared, dim=-1, sorted=False).indices, True)
+    return keep
 
 
 def gather_tokens(states: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

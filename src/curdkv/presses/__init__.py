@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .adakv import AdaCurDKV, AdaKV, AdaSnapKV
 from .base import Press, ScoringView
 from .chunkkv import ChunkKVPress
 from .curdkv import CurDKVPress
@@ -20,6 +21,9 @@ PRESSES: dict[str, Callable[..., Press]] = {
     "knorm": KNormPress,
     "streamingllm": StreamingLLMPress,
     "random": RandomPress,
+    "adacurdkv": AdaCurDKV,
+    "adacurdkv-exact": lambda **kw: AdaCurDKV(estimator="exact", **kw),
+    "adasnapkv": AdaSnapKV,
 }
 
 
@@ -40,6 +44,9 @@ __all__ = [
     "KNormPress",
     "StreamingLLMPress",
     "RandomPress",
+    "AdaKV",
+    "AdaCurDKV",
+    "AdaSnapKV",
     "PRESSES",
     "get_press",
 ]

@@ -1,0 +1,183 @@
+"""Cache layers for head-adaptive budgets.
+
+:class:`RaggedLayer` holds only what each KV head kept (flat storage, see
+:mod:`curdkv.ragged`), so a head-adaptive press saves exactly as much memory
+as a uniform one at the same ratio. :class:`MaskedLayer` is the layout
+kvpress uses for the same presses (every entry kept, evicted ones hidden
+from attention): no memory saved, but an obvious reference that the ragged
+layout is tested against, and the baseline that the benchmarks compare with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from .ragged import RaggedKV, offsets_from_lengths
+
+# Appended tokens are written into a preallocated tail grown in steps of at
+# least this many tokens, so decoding does not copy the tail at every step.
+TAIL_GROWTH = 64
+
+
+class RaggedLayer(DynamicLayer):
+    """Per-head kept context (flat) plus a dense tail of tokens added since.
+
+    :meth:`update` returns the same :class:`RaggedKV` as keys and values;
+    curdkv's attention function recognises it. ``self.keys``/``self.values``
+    expose the tail, for code that only looks at dtype and device.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.context_keys = self.context_values = None
+        self.offsets = self.lengths = None
+        self.context_length = 0
+        self.tail_length = 0
+        self._tail_k = self._tail_v = None
+
+    @classmethod
+    def from_mask(cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> "RaggedLayer":
+        """Keep ``keys``/``values [B, H_kv, N, D]`` where ``keep [B, H_kv, N]`` is true."""
+        if keep.shape != keys.shape[:3] or keys.shape[:3] != values.shape[:3]:
+            raise ValueError(f"keep {tuple(keep.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)} disagree")
+        lengths = keep.sum(-1).cpu()
+        if bool((lengths == 0).any()):
+            raise ValueError("every KV head must keep at least one token")
+        layer = cls()
+        layer.dtype, layer.device = keys.dtype, keys.device
+        layer.context_keys, layer.context_values = keys[keep], values[keep]
+        layer.lengths = lengths
+        layer.offsets = offsets_from_lengths(lengths, keys.device)
+        layer.context_length = keys.shape[2]
+        b, h, _, d = keys.shape
+        layer._tail_k = keys.new_empty(b, h, 0, d)
+        layer._tail_v = values.new_empty(b, h, 0, values.shape[-1])
+        layer._expose_tail()
+        layer.is_initialized = True
+        return layer
+
+    def _expose_tail(self) -> None:
+        self.keys = self._tail_k[:, :, : self.tail_length]
+        self.values = self._tail_v[:, :, : self.tail_length]
+
+    def _reserve(self, needed: int) -> None:
+        capacity = self._tail_k.shape[2]
+        if needed <= capacity:
+            return
+        capacity = max(needed, capacity + max(TAIL_GROWTH, capacity // 2))
+        for name in ("_tail_k", "_tail_v"):
+            old = getattr(self, name)
+            new = old.new_empty(old.shape[0], old.shape[1], capacity, old.shape[3])
+            new[:, :, : self.tail_length] = old[:, :, : self.tail_length]
+            setattr(self, name, new)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        q = key_states.shape[2]
+        self._reserve(self.tail_length + q)
+        self._tail_k[:, :, self.tail_length : self.tail_length + q] = key_states
+        self._tail_v[:, :, self.tail_length : self.tail_length + q] = value_states
+        self.tail_length += q
+        self._expose_tail()
+        kv = self.ragged()
+        return kv, kv
+
+    def ragged(self) -> RaggedKV:
+        return RaggedKV(
+            keys=self.context_keys,
+            values=self.context_values,
+            offsets=self.offsets,
+            lengths=self.lengths,
+            tail_keys=self.keys,
+            tail_values=self.values,
+        )
+
+    @property
+    def stored_length(self) -> int:
+        """Largest number of tokens any head holds (context kept + tail)."""
+        return int(self.lengths.max()) + self.tail_length
+
+    def kept_lengths(self) -> torch.Tensor:
+        """``[B, H_kv]`` context tokens each head kept."""
+        return self.lengths.clone()
+
+    def get_seq_length(self) -> int:
+        return self.context_length + self.tail_length
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return self.stored_length + query_length, 0
+
+    def nbytes(self) -> int:
+        """Bytes held: kept keys and values, offsets and the allocated tail."""
+        tensors = (self.context_keys, self.context_values, self.offsets, self._tail_k, self._tail_v)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def snapshot(self):
+        return self.tail_length
+
+    def restore(self, state) -> None:
+        # Tokens past the snapshot stay in the buffer but are never read again;
+        # back at the bare compressed context, the buffer itself is given back.
+        self.tail_length = state
+        if state == 0:
+            self._tail_k, self._tail_v = self._tail_k[:, :, :0].clone(), self._tail_v[:, :, :0].clone()
+        self._expose_tail()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0 or -tokens_to_remove > self.tail_length:
+            raise ValueError("a ragged layer can only drop tokens appended after compression")
+        self.restore(self.tail_length + tokens_to_remove)
+
+    def _unsupported(self, *args, **kwargs):
+        raise NotImplementedError("ragged cache layers do not support beam search or batch reordering")
+
+    batch_repeat_interleave = batch_select_indices = reorder_cache = _unsupported
+
+
+@dataclass
+class MaskedKV:
+    """Full keys/values ``[B, H_kv, N + t, D]`` and which of the first N are kept, ``[B, H_kv, N]``."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    keep: torch.Tensor
+
+
+class MaskedLayer(DynamicLayer):
+    """Every entry stored, evicted context entries hidden from attention (kvpress's layout)."""
+
+    @classmethod
+    def from_mask(cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> "MaskedLayer":
+        layer = cls()
+        layer.dtype, layer.device = keys.dtype, keys.device
+        layer.keys, layer.values, layer.keep = keys, values, keep
+        layer.is_initialized = True
+        return layer
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = super().update(key_states, value_states)
+        kv = MaskedKV(keys, values, self.keep)
+        return kv, kv
+
+    def nbytes(self) -> int:
+        tensors = (self.keys, self.values, self.keep)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def snapshot(self):
+        return self.keys, self.values
+
+    def restore(self, state) -> None:
+        self.keys, self.values = state
+
+
+def masked_to_dense_mask(kv: MaskedKV, q_len: int, group: int) -> torch.Tensor:
+    """Boolean ``[B, H, q, N + t]``: kept context entries, and the tail causally (bottom-right)."""
+    b, h_kv, total, _ = kv.keys.shape
+    n = kv.keep.shape[-1]
+    t = total - n
+    q_pos = torch.arange(t - q_len, t, device=kv.keys.device)[:, None]
+    tail = (torch.arange(t, device=kv.keys.device)[None, :] <= q_pos)[None, None].expand(b, h_kv, -1, -1)
+    ctx = kv.keep[:, :, None, :].expand(-1, -1, q_len, -1)
+    return torch.cat([ctx, tail], dim=-1).repeat_interleave(group, dim=1)

@@ -1,0 +1,304 @@
+"""Head-adaptive budgets: AdaKV selection, the ragged cache, and generation over it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import curdkv
+from curdkv import AdaCurDKV, AdaKV, AdaSnapKV, CurDKVPress, MaskedLayer, RaggedLayer
+from curdkv.attention import using_curdkv_attention
+from curdkv.presses import ChunkKVPress, KNormPress, SnapKVPress, StreamingLLMPress
+from curdkv.runtime import compress_layer
+from curdkv.selection import select_adaptive, select_uniform
+
+from conftest import DTYPES
+
+VOCAB = 256
+ADAPTIVE = ("adacurdkv", "adasnapkv", "adacurdkv-exact")
+
+
+def random_ids(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def slow_adaptive(scores: torch.Tensor, n_keep: int, alpha: float, sinks: int, recent: int) -> torch.Tensor:
+    """AdaKV selection written out token by token: the obvious reference."""
+    b, h, n = scores.shape
+    keep = torch.zeros(b, h, n, dtype=torch.bool)
+    protected = set(range(sinks)) | set(range(n - recent, n))
+    for bi in range(b):
+        # Rank key: protected first, then by score; ties broken by the lower flat position.
+        def rank(hi, j):
+            return (j in protected, float(scores[bi, hi, j]))
+
+        safeguard = int(alpha * n_keep + 1e-9)
+        for hi in range(h):
+            order = sorted(range(n), key=lambda j: rank(hi, j), reverse=True)
+            for j in order[:safeguard]:
+                keep[bi, hi, j] = True
+        rest = [(rank(hi, j), hi, j) for hi in range(h) for j in range(n) if not keep[bi, hi, j]]
+        rest.sort(key=lambda item: item[0], reverse=True)
+        for _, hi, j in rest[: h * (n_keep - safeguard)]:
+            keep[bi, hi, j] = True
+    return keep
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 0.5, 1.0])
+@pytest.mark.parametrize("sinks,recent", [(0, 0), (4, 0), (2, 6)])
+@pytest.mark.parametrize("seed", range(3))
+def test_select_adaptive_equals_slow_reference(alpha, sinks, recent, seed):
+    gen = torch.Generator().manual_seed(seed)
+    b, h, n, n_keep = 2, 4, 40, 14
+    # Heads on different scales, so the shared budget really moves between heads.
+    scores = torch.rand(b, h, n, generator=gen) * torch.tensor([1.0, 5.0, 0.2, 2.0])[None, :, None]
+    keep = select_adaptive(scores, n_keep, alpha, sinks, recent)
+    assert torch.equal(keep, slow_adaptive(scores, n_keep, alpha, sinks, recent))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.1, 0.2, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("n_keep", [8, 20, 59])
+def test_budgets_total_safeguard_and_protection(alpha, n_keep):
+    gen = torch.Generator().manual_seed(1)
+    b, h, n, sinks, recent = 3, 8, 60, 4, 4
+    scores = torch.randn(b, h, n, generator=gen) * torch.logspace(-2, 2, h)[None, :, None]
+    keep = select_adaptive(scores, n_keep, alpha, sinks, recent)
+    per_head = keep.sum(-1)
+    assert (per_head.sum(-1) == h * n_keep).all(), "each batch element keeps exactly H_kv * k"
+    assert (per_head >= int(alpha * n_keep + 1e-9)).all()
+    assert keep[..., :sinks].all() and keep[..., n - recent :].all()
+    if alpha < 1.0 and n_keep > sinks + recent:
+        assert per_head.min() < per_head.max(), "heads on different scales should get different budgets"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_alpha_one_is_the_uniform_selection(seed):
+    scores = torch.randn(2, 4, 50, generator=torch.Generator().manual_seed(seed))
+    keep = select_adaptive(scores, 17, 1.0, 4, 3)
+    idx = select_uniform(scores, 17, 4, 3)
+    expected = torch.zeros_like(keep).scatter_(-1, idx, True)
+    assert torch.equal(keep, expected)
+
+
+def test_select_adaptive_with_infinite_scores_keeps_protected_and_budget():
+    scores = torch.randn(1, 4, 30)
+    scores[0, 1, 10:20] = float("inf")
+    scores[0, 2, :] = float("-inf")
+    keep = select_adaptive(scores, 10, 0.2, 4, 2)
+    assert keep.sum() == 40
+    assert keep[..., :4].all() and keep[..., -2:].all()
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, "0.2", True, float("nan")])
+def test_bad_alpha_raises(alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        select_adaptive(torch.rand(1, 2, 10), 5, alpha)
+    with pytest.raises(ValueError, match="alpha"):
+        AdaKV(CurDKVPress(compression_ratio=0.5), alpha=alpha)
+
+
+@pytest.mark.parametrize("inner", [KNormPress(compression_ratio=0.5), StreamingLLMPress(compression_ratio=0.5)])
+def test_adakv_refuses_scores_not_comparable_across_heads(inner):
+    with pytest.raises(ValueError, match="comparable across heads"):
+        AdaKV(inner)
+
+
+def test_adakv_refuses_chunks_and_nesting_and_non_press():
+    with pytest.raises(ValueError, match="ChunkKV"):
+        AdaKV(ChunkKVPress(compression_ratio=0.5))
+    with pytest.raises(ValueError, match="already adaptive"):
+        AdaKV(AdaCurDKV(0.5))
+    with pytest.raises(TypeError, match="press must be"):
+        AdaKV("curdkv")
+
+
+def test_adakv_mirrors_the_wrapped_press():
+    press = AdaSnapKV(compression_ratio=0.3, alpha=0.5, window_size=16)
+    assert press.name == "adasnapkv"
+    assert press.compression_ratio == 0.3
+    assert press.query_window == 16 and press.protected_recent == 16
+    other = press.with_ratio(0.7)
+    assert isinstance(other, AdaSnapKV) and other.compression_ratio == 0.7 and other.alpha == 0.5
+    assert other.press.window_size == 16
+    assert press.compression_ratio == 0.3, "with_ratio must not change the original"
+    assert AdaCurDKV(0.5, estimator="exact").press.estimator == "exact"
+    assert AdaCurDKV(0.5) == AdaCurDKV(0.5) and AdaCurDKV(0.5) != AdaCurDKV(0.5, alpha=0.3)
+    assert "alpha=0.2" in AdaCurDKV(0.5).describe()
+    with pytest.raises(ValueError, match="compression_ratio"):
+        AdaCurDKV(1.0)
+
+
+def test_dense_layout_refused_for_adaptive_press():
+    keys = torch.randn(1, 2, 30, 8)
+    with pytest.raises(ValueError, match="layout must be 'ragged' or 'masked'"):
+        compress_layer(AdaCurDKV(0.5), keys, keys, None, None, 0, "dense")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        compress_layer(AdaCurDKV(0.5), keys, keys, None, None, 0, "sparse")
+
+
+def _layer_from_random(b=2, h=4, n=50, d=16, ratio=0.6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(b, h, n, d, generator=gen) * torch.logspace(-1, 1, h)[None, :, None, None]
+    values = torch.randn(b, h, n, d, generator=gen)
+    layer = compress_layer(AdaCurDKV(ratio, estimator="exact"), keys, values, None, None, 0)
+    return keys, values, layer
+
+
+def test_ragged_layer_holds_exactly_the_kept_tokens():
+    keys, values, layer = _layer_from_random()
+    assert isinstance(layer, RaggedLayer)
+    b, h, n, d = keys.shape
+    n_keep = n - int(n * 0.6)
+    assert layer.lengths.sum() == b * h * n_keep
+    assert layer.get_seq_length() == n, "the logical length stays the original context's"
+    kept_bytes = 2 * b * h * n_keep * d * keys.element_size()
+    assert layer.nbytes() == kept_bytes + layer.offsets.numel() * 8
+    # Rows of each head are that head's kept tokens, in context order.
+    offsets = layer.offsets.tolist()
+    for bi in range(b):
+        for hi in range(h):
+            seg = layer.context_keys[offsets[bi * h + hi] : offsets[bi * h + hi + 1]]
+            matches = (seg[:, None, :] == keys[bi, hi][None]).all(-1).nonzero()[:, 1]
+            assert matches.tolist() == sorted(matches.tolist()) and len(matches) == len(seg)
+
+
+def test_ragged_tail_appends_snapshots_and_restores():
+    keys, values, layer = _layer_from_random()
+    b, h, n, d = keys.shape
+    state = layer.snapshot()
+    new = [torch.randn(b, h, q, d) for q in (3, 1, 70)]
+    for t in new:
+        kv, same = layer.update(t, t + 1)
+        assert kv is same and kv.tail_keys.shape[2] == layer.tail_length
+    assert layer.get_seq_length() == n + 74
+    assert torch.equal(layer.keys, torch.cat(new, dim=2)) and torch.equal(layer.values, torch.cat(new, 2) + 1)
+    assert layer._tail_k.shape[2] >= 74
+    bare = layer.nbytes()
+    layer.restore(state)
+    assert layer.get_seq_length() == n and layer.keys.shape[2] == 0
+    assert layer.nbytes() < bare, "restoring to the bare context gives the tail buffer back"
+    layer.update(new[1], new[1])
+    assert torch.equal(layer.keys, new[1])
+    layer.crop(-1)
+    assert layer.get_seq_length() == n
+    with pytest.raises(ValueError, match="appended after compression"):
+        layer.crop(-1)
+
+
+def test_ragged_layer_refuses_a_head_without_tokens():
+    keys = torch.randn(1, 2, 5, 4)
+    keep = torch.ones(1, 2, 5, dtype=torch.bool)
+    keep[0, 1] = False
+    with pytest.raises(ValueError, match="at least one token"):
+        RaggedLayer.from_mask(keys, keys, keep)
+
+
+def greedy(model, ids: torch.Tensor, cache, steps: int) -> list[list[int]]:
+    n = ids.shape[1]
+    token = model(input_ids=ids).logits[:, -1].argmax(-1)
+    tokens = [token.tolist()]
+    with using_curdkv_attention(model):
+        for step in range(steps - 1):
+            pos = torch.full((ids.shape[0], 1), n + step)
+            token = model(input_ids=token[:, None], past_key_values=cache, use_cache=True, position_ids=pos).logits[
+                :, -1
+            ].argmax(-1)
+            tokens.append(token.tolist())
+    return tokens
+
+
+@pytest.mark.parametrize("press_name", ADAPTIVE)
+def test_ragged_generation_equals_masked_reference(model, press_name):
+    press = curdkv.get_press(press_name, 0.5)
+    ids = random_ids(200, seed=7)
+    capture = curdkv.capture_prefill(model, ids)
+    ragged, masked = capture.build_cache(press), capture.build_cache(press, "masked")
+    assert all(isinstance(layer, RaggedLayer) for layer in ragged.layers)
+    assert all(isinstance(layer, MaskedLayer) for layer in masked.layers)
+    assert greedy(model, ids, ragged, 10) == greedy(model, ids, masked, 10)
+    # and the hook path (generate) keeps the same tokens as the sweep path
+    with curdkv.compress(model, press):
+        out = model.generate(ids, max_new_tokens=10, do_sample=False, min_new_tokens=10)
+    assert [[t] for t in out[0, 200:].tolist()] == greedy(model, ids, capture.build_cache(press), 10)
+
+
+@pytest.mark.parametrize("press_name", ADAPTIVE)
+def test_sweep_path_keeps_same_tokens_as_layer_by_layer(model, press_name):
+    press = curdkv.get_press(press_name, 0.7)
+    ids = random_ids(260, seed=2)  # SnapKV keeps its 64-token window: needs 0.3 * N >= 64
+    swept = curdkv.capture_prefill(model, ids).build_cache(press)
+    hooked = curdkv.CompressedCache()
+    with curdkv.compress(model, press):
+        model(input_ids=ids, past_key_values=hooked, use_cache=True)
+    for a, b in zip(swept.layers, hooked.layers):
+        assert isinstance(b, RaggedLayer)
+        assert torch.equal(a.lengths, b.lengths)
+        assert torch.allclose(a.context_keys, b.context_keys, atol=1e-6)
+        assert torch.allclose(a.context_values, b.context_values, atol=1e-6)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.9])
+def test_ragged_bytes_match_uniform_and_masked_saves_nothing(model, ratio):
+    ids = random_ids(200, seed=1)
+    capture = curdkv.capture_prefill(model, ids)
+    full = capture.build_cache(None).nbytes()
+    uniform = capture.build_cache(CurDKVPress(ratio)).nbytes()
+    ragged = capture.build_cache(AdaCurDKV(ratio))
+    masked = capture.build_cache(AdaCurDKV(ratio), "masked").nbytes()
+    assert abs(ragged.nbytes() - uniform) / uniform < 0.02
+    assert masked >= full
+    h = model.config.num_key_value_heads
+    n_keep = 200 - int(200 * ratio)
+    assert all(int(layer.lengths.sum()) == h * n_keep for layer in ragged.layers)
+
+
+def test_ratio_zero_is_a_no_op(model):
+    ids = random_ids(100, seed=3)
+    capture = curdkv.capture_prefill(model, ids)
+    cache = capture.build_cache(AdaCurDKV(0.0))
+    for layer, k in zip(cache.layers, capture.keys):
+        assert layer.keys is k
+
+
+def test_batch_with_different_head_lengths_equals_each_alone(model):
+    press = AdaCurDKV(0.5, estimator="exact")
+    ids = torch.cat([random_ids(160, seed=4), random_ids(160, seed=5)])
+    batched = curdkv.capture_prefill(model, ids).build_cache(press)
+    alone = [curdkv.capture_prefill(model, ids[i : i + 1]).build_cache(press) for i in range(2)]
+    for idx, layer in enumerate(batched.layers):
+        h = layer.lengths.shape[1]
+        for b in range(2):
+            assert torch.equal(layer.lengths[b], alone[b].layers[idx].lengths[0])
+            seg = layer.context_keys[int(layer.offsets[b * h]) : int(layer.offsets[(b + 1) * h])]
+            assert torch.allclose(seg, alone[b].layers[idx].context_keys, atol=1e-5)
+    assert not torch.equal(batched.layers[0].lengths[0], batched.layers[0].lengths[1])
+    assert greedy(model, ids, batched, 6) == [
+        [a[0], b[0]] for a, b in zip(*(greedy(model, ids[i : i + 1], alone[i], 6) for i in range(2)))
+    ]
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_dtypes_generate_without_nans(arch, tiny_models, dtype_name):
+    model = tiny_models(arch, DTYPES[dtype_name])
+    ids = random_ids(200, seed=6)
+    with curdkv.compress(model, AdaSnapKV(0.6)):
+        out = model.generate(ids, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert out.sequences.shape[1] > 200
+    assert all(torch.isfinite(logits).all() for logits in out.logits)
+
+
+def test_layout_choice_reaches_generate(model):
+    ids = random_ids(120, seed=8)
+    cache = curdkv.CompressedCache()
+    with curdkv.compress(model, AdaCurDKV(0.5), layout="masked"):
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    assert all(isinstance(layer, MaskedLayer) for layer in cache.layers)
+    with pytest.raises(ValueError, match="layout"):
+        with curdkv.compress(model, AdaCurDKV(0.5), layout="paged"):
+            pass
+    # a uniform press may use the masked or ragged layouts too, keeping the same tokens
+    capture = curdkv.capture_prefill(model, ids)
+    dense = capture.build_cache(CurDKVPress(0.5))
+    ragged = capture.build_cache(CurDKVPress(0.5), "ragged")
+    assert greedy(model, ids, dense, 5) == greedy(model, ids, ragged, 5)
+    assert isinstance(SnapKVPress(0.5), curdkv.Press)
