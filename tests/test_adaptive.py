@@ -302,3 +302,29 @@ def test_layout_choice_reaches_generate(model):
     ragged = capture.build_cache(CurDKVPress(0.5), "ragged")
     assert greedy(model, ids, dense, 5) == greedy(model, ids, ragged, 5)
     assert isinstance(SnapKVPress(0.5), curdkv.Press)
+
+
+def test_concatenated_configurations_decode_like_each_alone(model):
+    """Several presses' caches of one prompt, stacked on the batch, decode as each does alone."""
+    ids = random_ids(200, seed=9)
+    capture = curdkv.capture_prefill(model, ids)
+    dense = capture.build_cache(CurDKVPress(0.7))
+    parts = [
+        [RaggedLayer.from_dense(layer.keys, layer.values, 200) for layer in dense.layers],
+        capture.build_cache(AdaCurDKV(0.5)).layers,
+        capture.build_cache(AdaSnapKV(0.3)).layers,
+    ]
+    stacked = curdkv.CompressedCache.from_layers([RaggedLayer.concat(list(ls)) for ls in zip(*parts)])
+    assert stacked.layers[0].lengths.shape[0] == 3
+    batched = greedy(model, ids.expand(3, -1), stacked, 6)
+    alone = [greedy(model, ids, curdkv.CompressedCache.from_layers(list(ls)), 6) for ls in parts]
+    assert batched == [[a[0], b[0], c[0]] for a, b, c in zip(*alone)]
+    assert greedy(model, ids, dense, 6) == alone[0], "a dense cache viewed as ragged decodes the same"
+    with pytest.raises(ValueError, match="same length"):
+        RaggedLayer.concat([capture.build_cache(AdaCurDKV(0.5)).layers[0], capture_short(model)])
+    with pytest.raises(ValueError, match="nothing appended"):
+        RaggedLayer.concat([parts[1][0], parts[1][0]])  # decoded above: its tail is not empty
+
+
+def capture_short(model):
+    return curdkv.capture_prefill(model, random_ids(150)).build_cache(AdaCurDKV(0.5)).layers[0]

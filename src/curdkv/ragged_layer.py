@@ -59,6 +59,44 @@ class RaggedLayer(DynamicLayer):
         layer.is_initialized = True
         return layer
 
+    @classmethod
+    def from_dense(cls, keys: torch.Tensor, values: torch.Tensor, context_length: int) -> "RaggedLayer":
+        """Every head keeps the same ``keys``/``values [B, H_kv, k, D]`` (no copy when contiguous)."""
+        b, h, k, d = keys.shape
+        layer = cls()
+        layer.dtype, layer.device = keys.dtype, keys.device
+        layer.context_keys, layer.context_values = keys.reshape(-1, d), values.reshape(-1, values.shape[-1])
+        layer.lengths = torch.full((b, h), k, dtype=torch.int64)
+        layer.offsets = offsets_from_lengths(layer.lengths, keys.device)
+        layer.context_length = context_length
+        layer._tail_k, layer._tail_v = keys.new_empty(b, h, 0, d), values.new_empty(b, h, 0, values.shape[-1])
+        layer._expose_tail()
+        layer.is_initialized = True
+        return layer
+
+    @classmethod
+    def concat(cls, layers: list["RaggedLayer"]) -> "RaggedLayer":
+        """Stack compressed contexts of the same length along the batch (e.g. several presses' caches of one prompt)."""
+        if not layers:
+            raise ValueError("layers must not be empty")
+        if any(layer.tail_length for layer in layers):
+            raise ValueError("only bare compressed contexts (nothing appended yet) can be concatenated")
+        if len({layer.context_length for layer in layers}) != 1:
+            raise ValueError("layers must compress contexts of the same length")
+        first = layers[0]
+        out = cls()
+        out.dtype, out.device = first.dtype, first.device
+        out.context_keys = torch.cat([layer.context_keys for layer in layers])
+        out.context_values = torch.cat([layer.context_values for layer in layers])
+        out.lengths = torch.cat([layer.lengths for layer in layers])
+        out.offsets = offsets_from_lengths(out.lengths, first.device)
+        out.context_length = first.context_length
+        out._tail_k = torch.cat([layer._tail_k[:, :, :0] for layer in layers])
+        out._tail_v = torch.cat([layer._tail_v[:, :, :0] for layer in layers])
+        out._expose_tail()
+        out.is_initialized = True
+        return out
+
     def _expose_tail(self) -> None:
         self.keys = self._tail_k[:, :, : self.tail_length]
         self.values = self._tail_v[:, :, : self.tail_length]
