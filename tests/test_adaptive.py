@@ -328,3 +328,20 @@ def test_concatenated_configurations_decode_like_each_alone(model):
 
 def capture_short(model):
     return curdkv.capture_prefill(model, random_ids(150)).build_cache(AdaCurDKV(0.5)).layers[0]
+
+
+def test_stack_caches_converts_dense_full_and_ragged():
+    from curdkv.batched import stack_caches
+
+    model = curdkv.load_model("random:tiny-qwen2", dtype=torch.float32, device="cpu")[0]
+    ids = random_ids(200, seed=10)
+    capture = curdkv.capture_prefill(model, ids)
+    caches = [capture.build_cache(None), capture.build_cache(CurDKVPress(0.5)), capture.build_cache(AdaCurDKV(0.9))]
+    stacked = stack_caches(caches, 200)
+    assert [int(x) for x in stacked.layers[0].lengths.sum(-1)] == [
+        200 * model.config.num_key_value_heads, 100 * model.config.num_key_value_heads,
+        20 * model.config.num_key_value_heads,
+    ]
+    assert stacked.get_seq_length() == 200
+    with pytest.raises(ValueError, match="MaskedLayer"):
+        stack_caches([capture.build_cache(AdaCurDKV(0.5), "masked")], 200)

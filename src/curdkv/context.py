@@ -78,34 +78,60 @@ class CompressedContext:
         """Bytes of the context's keys and values held."""
         return self.cache.nbytes()
 
-    @torch.no_grad()
     def ask(self, question: str, max_new_tokens: int = 32, answer_prefix: str | None = None) -> str:
         """Answer ``question`` greedily; the compressed cache is left as it was."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        device = self.cache.layers[0].keys.device
-        ids = encode_question(self.tokenizer, question, answer_prefix, device)
-        stop = _stop_ids(self.model, self.tokenizer)
-        snapshot = self.cache.snapshot()
-        position = self.context_length
-        generated: list[int] = []
-        try:
-            with using_curdkv_attention(self.model):
-                for _ in range(max_new_tokens):
-                    positions = torch.arange(position, position + ids.shape[1], device=device)[None]
-                    out = self.model(
-                        input_ids=ids, past_key_values=self.cache, position_ids=positions, use_cache=True,
-                        logits_to_keep=1,
-                    )
-                    position += ids.shape[1]
-                    token = int(out.logits[0, -1].argmax())
-                    if token in stop:
-                        break
-                    generated.append(token)
-                    ids = torch.tensor([[token]], device=device)
-        finally:
-            self.cache.restore(snapshot)
-        return self.tokenizer.decode(generated, skip_special_tokens=True)
+        return answer_greedily(
+            self.model, self.tokenizer, self.cache, self.context_length, question, max_new_tokens, answer_prefix
+        )[0]
+
+
+@torch.no_grad()
+def answer_greedily(
+    model, tokenizer, cache, context_length: int, question: str, max_new_tokens: int = 32,
+    answer_prefix: str | None = None,
+) -> list[str]:
+    """Greedy answers to one question for every batch row of ``cache``; the cache is restored afterwards.
+
+    Rows may hold different compressions of the same context (see
+    :func:`curdkv.batched.stack_caches`); each stops at its own end token.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    first = cache.layers[0]
+    device = first.keys.device
+    rows = first.keys.shape[0]
+    ids = encode_question(tokenizer, question, answer_prefix, device).expand(rows, -1)
+    stop = torch.tensor(sorted(_stop_ids(model, tokenizer)) or [-1], device=device)
+    snapshot = cache.snapshot()
+    position = context_length
+    generated = []
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    try:
+        with using_curdkv_attention(model):
+            for _ in range(max_new_tokens):
+                positions = torch.arange(position, position + ids.shape[1], device=device)[None].expand(rows, -1)
+                out = model(
+                    input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1
+                )
+                position += ids.shape[1]
+                token = out.logits[:, -1].argmax(-1)
+                done |= torch.isin(token, stop)
+                generated.append(token)
+                if bool(done.all()):
+                    break
+                ids = token[:, None]
+    finally:
+        cache.restore(snapshot)
+    answers = []
+    stop_set = set(stop.tolist())
+    for row in torch.stack(generated, dim=1).tolist():
+        kept = []
+        for token in row:
+            if token in stop_set:
+                break
+            kept.append(token)
+        answers.append(tokenizer.decode(kept, skip_special_tokens=True))
+    return answers
 
 
 @torch.no_grad()

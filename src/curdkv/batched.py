@@ -1,0 +1,39 @@
+"""Many compressions of one context, answered in one batch.
+
+A sweep compresses the same context with many (press, ratio)
+configurations. Answering each on its own decodes one token per forward
+pass, which leaves a GPU almost idle; stacking the configurations' caches on
+the batch dimension answers all of them at once. The caches hold different
+numbers of tokens per head, which is exactly what the ragged layout stores,
+so every configuration becomes one batch row of a ragged cache.
+"""
+
+from __future__ import annotations
+
+from .cache import CompressedCache, CompressedLayer
+from .ragged_layer import RaggedLayer
+
+
+def as_ragged(layer, context_length: int) -> RaggedLayer:
+    """A bare compressed layer (nothing appended yet) in the ragged layout."""
+    if isinstance(layer, RaggedLayer):
+        return layer
+    if isinstance(layer, CompressedLayer):
+        if layer.get_seq_length() != context_length:
+            raise ValueError(
+                f"the layer holds {layer.get_seq_length()} logical tokens, expected the context's {context_length}"
+            )
+        return RaggedLayer.from_dense(layer.keys, layer.values, context_length)
+    raise ValueError(f"cannot stack a {type(layer).__name__}; use the dense or ragged layout")
+
+
+def stack_caches(caches: list[CompressedCache], context_length: int) -> CompressedCache:
+    """One ragged cache whose batch rows are ``caches`` (each of batch size 1, same context)."""
+    if not caches:
+        raise ValueError("caches must not be empty")
+    if len({len(c.layers) for c in caches}) != 1:
+        raise ValueError("caches must have the same number of layers")
+    layers = []
+    for per_config in zip(*(c.layers for c in caches)):
+        layers.append(RaggedLayer.concat([as_ragged(layer, context_length) for layer in per_config]))
+    return CompressedCache.from_layers(layers)

@@ -1,0 +1,133 @@
+"""From predictions to the outputs people read: summary.csv, a Markdown table, a plot."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from ..report import markdown_table
+
+SUMMARY_COLUMNS = ("model", "task", "length", "press", "compression_ratio", "score", "n", "fidelity")
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Mean score per (model, task, length, press, ratio), with fidelity.
+
+    Fidelity (in %) is how often a configuration's answer equals the full
+    cache's answer to the same sample (the CurDKV paper reports it).
+    """
+    full = {(r["model"], r["task"], r["length"], r["index"]): r["prediction"] for r in records if r["press"] == "full"}
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[(r["model"], r["task"], r["length"], r["press"], float(r["compression_ratio"]))].append(r)
+    rows = []
+    for (model, task, length, press, ratio), rs in sorted(groups.items()):
+        agree = [
+            r["prediction"].strip() == full[(model, task, length, r["index"])].strip()
+            for r in rs
+            if (model, task, length, r["index"]) in full
+        ]
+        rows.append(
+            {
+                "model": model, "task": task, "length": length, "press": press, "compression_ratio": ratio,
+                "score": sum(r["score"] for r in rs) / len(rs), "n": len(rs),
+                "fidelity": 100 * sum(agree) / len(agree) if agree else math.nan,
+            }
+        )
+    return rows
+
+
+def write_summary_csv(rows: list[dict], path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (round(row[k], 4) if isinstance(row[k], float) else row[k]) for k in SUMMARY_COLUMNS})
+
+
+def _press_order(rows: list[dict]) -> list[str]:
+    seen = []
+    for r in rows:
+        if r["press"] not in seen and r["press"] != "full":
+            seen.append(r["press"])
+    return seen
+
+
+def results_table(rows: list[dict], averages: dict[str, list[str]] | None = None, metric: str = "score") -> str:
+    """Rows tasks, columns presses (full cache first), one block per ratio, average rows last.
+
+    ``averages``: label -> tasks averaged under that label (tasks missing from
+    the results are left out of the average and the label says how many it used).
+    """
+    presses = ["full"] + _press_order(rows)
+    ratios = sorted({r["compression_ratio"] for r in rows if r["press"] != "full"})
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    lengths = sorted({r["length"] for r in rows})
+    cell = {(r["task"], r["length"], r["press"], r["compression_ratio"]): r[metric] for r in rows}
+    blocks = []
+    for length in lengths:
+        for ratio in ratios:
+            def value(task, press):
+                return cell.get((task, length, press, 0.0 if press == "full" else ratio))
+
+            body = [{"task": t, **{p: value(t, p) for p in presses}} for t in tasks]
+            for label, members in (averages or {}).items():
+                used = [t for t in members if t in tasks]
+                if not used:
+                    continue
+                avg = {}
+                for p in presses:
+                    vals = [value(t, p) for t in used]
+                    avg[p] = sum(vals) / len(vals) if all(v is not None for v in vals) else None
+                body.append({"task": f"**{label}** ({len(used)} tasks)", **avg})
+            title = f"### {length} tokens, compression {ratio:.0%}" if len(lengths) > 1 else f"### compression {ratio:.0%}"
+            blocks.append(title + "\n\n" + markdown_table(body, [("task", "task")] + [(p, p) for p in presses]))
+    return "\n\n".join(blocks)
+
+
+def plot_average_vs_ratio(rows: list[dict], path, tasks: list[str] | None = None, title: str = "") -> None:
+    """Average score over ``tasks`` (default: all) against compression ratio, one line per press."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = [r for r in rows if tasks is None or r["task"] in tasks]
+    by_press: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in chosen:
+        by_press[r["press"]][r["compression_ratio"]].append(r["score"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    full = by_press.pop("full", None)
+    for press, points in by_press.items():
+        xs = sorted(points)
+        ys = [sum(points[x]) / len(points[x]) for x in xs]
+        if full:
+            xs, ys = [0.0] + xs, [sum(full[0.0]) / len(full[0.0])] + ys
+        ax.plot([100 * x for x in xs], ys, marker="o", label=press)
+    if full:
+        ax.axhline(sum(full[0.0]) / len(full[0.0]), color="black", linestyle="--", linewidth=1, label="full cache")
+    ax.set_xlabel("compression ratio (% of context tokens removed)")
+    ax.set_ylabel("average score")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(records: list[dict], out_dir, averages: dict[str, list[str]] | None = None, title: str = "") -> list[dict]:
+    """summary.csv, results.md and average_vs_ratio.png in ``out_dir``; returns the summary rows."""
+    out_dir = Path(out_dir)
+    rows = summarize(records)
+    write_summary_csv(rows, out_dir / "summary.csv")
+    text = [f"# {title}".rstrip(), "", "Scores (0-100).", "", results_table(rows, averages)]
+    text += ["", "## Fidelity: % of answers identical to the full cache's", "", results_table(rows, averages, "fidelity")]
+    (out_dir / "results.md").write_text("\n".join(text) + "\n")
+    plot_tasks = None
+    if averages:
+        plot_tasks = next(iter(averages.values()))
+    plot_average_vs_ratio(rows, out_dir / "average_vs_ratio.png", plot_tasks, title)
+    return rows

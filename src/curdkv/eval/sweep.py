@@ -1,0 +1,179 @@
+"""The sweep engine: one prefill per sample, every (press, ratio) from it.
+
+For each sample the context is prefilled once with the full cache
+(:func:`curdkv.capture_prefill`); every requested configuration's
+compressed cache is built from that capture without running the model
+again, and the question is answered on each. Configurations are answered
+together, one batch row each (:mod:`curdkv.batched`), which is what makes a
+sweep of many presses x ratios cost little more than one of them on a GPU.
+
+Predictions are appended to ``predictions.jsonl`` as they are made; a rerun
+skips every (sample, configuration) already written. Under ``torchrun`` each
+rank takes every world_size-th sample and writes its own file; rank 0 merges
+them into the same outputs as a single-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from ..batched import stack_caches
+from ..context import answer_greedily, prefill_capture
+from ..presses import PRESSES, get_press
+from .sample import EvalSample
+
+FULL = "full"
+PREDICTIONS = "predictions.jsonl"
+
+
+@dataclass(frozen=True)
+class Config:
+    """One compression setting: a registry press name (or ``"full"``) and a ratio."""
+
+    press: str
+    ratio: float
+
+    def build(self):
+        return None if self.press == FULL else get_press(self.press, self.ratio)
+
+
+def sweep_configs(presses: Iterable[str], ratios: Iterable[float]) -> list[Config]:
+    """The full cache first, then every press at every ratio."""
+    presses, ratios = list(presses), [float(r) for r in ratios]
+    for name in presses:
+        if name != FULL and name not in PRESSES:
+            raise ValueError(f"presses must be among {sorted(PRESSES)} (or 'full'), got {name!r}")
+    for r in ratios:
+        if not 0.0 < r < 1.0:
+            raise ValueError(f"ratios must be in (0, 1), got {r!r}")
+    return [Config(FULL, 0.0)] + [Config(p, r) for p in presses if p != FULL for r in ratios]
+
+
+def record_key(record: dict) -> tuple:
+    return record["task"], record["length"], record["index"], record["press"], float(record["compression_ratio"])
+
+
+def read_predictions(out_dir: Path) -> list[dict]:
+    """Every prediction written so far in ``out_dir`` (all ranks' files), later duplicates dropped."""
+    records: dict[tuple, dict] = {}
+    for path in sorted(out_dir.glob("predictions*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by an interrupted run; it is simply redone
+                records[record_key(record)] = record
+    return list(records.values())
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed, (0, 1) otherwise."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class Sweep:
+    """Answer samples under many configurations and append the predictions to ``out_dir``.
+
+    ``scorer(sample, prediction) -> float`` gives one prediction's score
+    (0-100). ``batch_size``: configurations answered together (``None``: all
+    on CUDA, one at a time on CPU, where batching does not pay).
+    """
+
+    def __init__(
+        self, model, tokenizer, model_name: str, configs: list[Config], out_dir, scorer: Callable,
+        batch_size: int | None = None,
+    ):
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be an integer >= 1 or None, got {batch_size!r}")
+        self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
+        self.configs = list(configs)
+        self.out_dir = Path(out_dir)
+        self.scorer = scorer
+        device = next(model.parameters()).device
+        self.batch_size = batch_size or (len(self.configs) if device.type == "cuda" else 1)
+        self.presses = {c: c.build() for c in self.configs}
+        self.query_window = max([p.query_window for p in self.presses.values() if p is not None] + [0])
+
+    def pending(self, samples: list[EvalSample]) -> list[tuple[EvalSample, list[Config]]]:
+        """The samples of this rank with the configurations not yet written for them."""
+        done = {record_key(r) for r in read_predictions(self.out_dir)}
+        rank, world = distributed_rank()
+        todo = []
+        for i, sample in enumerate(samples):
+            if i % world != rank:
+                continue
+            left = [c for c in self.configs if (sample.task, sample.length, sample.index, c.press, c.ratio) not in done]
+            if left:
+                todo.append((sample, left))
+        return todo
+
+    def run(self, samples: list[EvalSample], progress=None) -> None:
+        """Answer every pending (sample, configuration); ``progress(n)`` is called after each answer."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        rank, world = distributed_rank()
+        path = self.out_dir / (PREDICTIONS if world == 1 else f"predictions-rank{rank}.jsonl")
+        with path.open("a") as out:
+            for sample, configs in self.pending(samples):
+                for record in self.answer(sample, configs):
+                    out.write(json.dumps(record) + "\n")
+                    out.flush()
+                    if progress is not None:
+                        progress(1)
+
+    @torch.no_grad()
+    def answer(self, sample: EvalSample, configs: list[Config]) -> list[dict]:
+        capture = prefill_capture(self.model, self.tokenizer, sample.context, query_window=self.query_window)
+        records = []
+        for start in range(0, len(configs), self.batch_size):
+            chunk = configs[start : start + self.batch_size]
+            caches = [capture.build_cache(self.presses[c]) for c in chunk]
+            cache = caches[0] if len(caches) == 1 else stack_caches(caches, capture.seq_len)
+            predictions = answer_greedily(
+                self.model, self.tokenizer, cache, capture.seq_len, sample.question, sample.max_new_tokens,
+                sample.answer_prefix,
+            )
+            for config, c, prediction in zip(chunk, caches, predictions):
+                records.append(
+                    {
+                        "model": self.model_name,
+                        "task": sample.task,
+                        "length": sample.length,
+                        "index": sample.index,
+                        "press": config.press,
+                        "compression_ratio": config.ratio,
+                        "prediction": prediction,
+                        "answers": list(sample.answers),
+                        "score": float(self.scorer(sample, prediction)),
+                        "context_tokens": capture.seq_len,
+                        "kv_bytes": c.nbytes(),
+                    }
+                )
+            del caches, cache
+        return records
+
+
+def merge_ranks(out_dir) -> Path:
+    """Rank 0 after a distributed run: fold every rank's file into ``predictions.jsonl``."""
+    out_dir = Path(out_dir)
+    records = sorted(read_predictions(out_dir), key=record_key)
+    target = out_dir / PREDICTIONS
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, target)
+    for path in out_dir.glob("predictions-rank*.jsonl"):
+        path.unlink()
+    return target
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
