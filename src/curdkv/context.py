@@ -39,12 +39,18 @@ def encode_context(tokenizer, context: str, device=None) -> torch.Tensor:
     return ids.to(device) if device is not None else ids
 
 
-def encode_question(tokenizer, question: str, answer_prefix: str | None = None, device=None) -> torch.Tensor:
-    """Token ids ``[1, Q]`` of a newline, the question, the end of the chat turn and the answer prefix."""
+def encode_question(
+    tokenizer, question: str, answer_prefix: str | None = None, device=None, separator: str = "\n"
+) -> torch.Tensor:
+    """Token ids ``[1, Q]`` of ``separator``, the question, the end of the chat turn and the answer prefix.
+
+    Benchmarks whose question already carries its own separation from the
+    context (their ``context + question`` is the original prompt) pass ``separator=""``.
+    """
     if not isinstance(question, str) or not question.strip():
         raise ValueError("question must be a non-empty string")
     _, suffix = chat_parts(tokenizer)
-    text = "\n" + question + suffix + (answer_prefix or "")
+    text = separator + question + suffix + (answer_prefix or "")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
     return ids.to(device) if device is not None else ids
 
@@ -88,7 +94,7 @@ class CompressedContext:
 @torch.no_grad()
 def answer_greedily(
     model, tokenizer, cache, context_length: int, question: str, max_new_tokens: int = 32,
-    answer_prefix: str | None = None,
+    answer_prefix: str | None = None, separator: str = "\n",
 ) -> list[str]:
     """Greedy answers to one question for every batch row of ``cache``; the cache is restored afterwards.
 
@@ -100,7 +106,7 @@ def answer_greedily(
     first = cache.layers[0]
     device = first.keys.device
     rows = first.keys.shape[0]
-    ids = encode_question(tokenizer, question, answer_prefix, device).expand(rows, -1)
+    ids = encode_question(tokenizer, question, answer_prefix, device, separator).expand(rows, -1)
     stop = torch.tensor(sorted(_stop_ids(model, tokenizer)) or [-1], device=device)
     snapshot = cache.snapshot()
     position = context_length

@@ -140,7 +140,7 @@ class Sweep:
             cache = caches[0] if len(caches) == 1 else stack_caches(caches, capture.seq_len)
             predictions = answer_greedily(
                 self.model, self.tokenizer, cache, capture.seq_len, sample.question, sample.max_new_tokens,
-                sample.answer_prefix,
+                sample.answer_prefix, separator="",
             )
             for config, c, prediction in zip(chunk, caches, predictions):
                 records.append(
