@@ -1,0 +1,1 @@
+"""Fused GPU kernels (Triton); each module imports Triton lazily so the package imports without it."""
