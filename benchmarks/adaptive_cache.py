@@ -87,9 +87,13 @@ def main(argv=None) -> None:
     for length in lengths:
         gen = torch.Generator().manual_seed(length)
         ids = torch.randint(0, vocab, (1, length), generator=gen).to(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         stop = timer(device)
         capture = curdkv.capture_prefill(model, ids)
         prefill_s = stop()
+        if device.type == "cuda":
+            print(f"{length}: prefill {prefill_s:.2f} s, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
         first = torch.randint(0, vocab, (1, 1), generator=gen).to(device)
         full_bytes = capture.nbytes()
         for method, ratio, press, layout in configurations(ratios):

@@ -199,7 +199,7 @@ def greedy(model, ids: torch.Tensor, cache, steps: int) -> list[list[int]]:
     tokens = [token.tolist()]
     with using_curdkv_attention(model):
         for step in range(steps - 1):
-            pos = torch.full((ids.shape[0], 1), n + step)
+            pos = torch.full((ids.shape[0], 1), n + step, device=ids.device)
             token = model(input_ids=token[:, None], past_key_values=cache, use_cache=True, position_ids=pos).logits[
                 :, -1
             ].argmax(-1)
@@ -345,3 +345,16 @@ def test_stack_caches_converts_dense_full_and_ragged():
     assert stacked.get_seq_length() == 200
     with pytest.raises(ValueError, match="MaskedLayer"):
         stack_caches([capture.build_cache(AdaCurDKV(0.5), "masked")], 200)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton ragged kernel runs on CUDA; run on the GPU machine")
+@pytest.mark.parametrize("arch_name", ["tiny-llama", "tiny-qwen3"])
+@pytest.mark.parametrize("press_name", ["adacurdkv", "adasnapkv"])
+def test_triton_ragged_generation_equals_masked_reference_on_cuda(arch_name, press_name):
+    model = curdkv.load_model(f"random:{arch_name}", dtype=torch.float32, device="cuda")[0]
+    ids = random_ids(300, batch=2, seed=11).cuda()
+    capture = curdkv.capture_prefill(model, ids)
+    press = curdkv.get_press(press_name, 0.6)
+    ragged, masked = capture.build_cache(press), capture.build_cache(press, "masked")
+    assert ragged.layers[0].context_keys.is_cuda
+    assert greedy(model, ids, ragged, 12) == greedy(model, ids, masked, 12)

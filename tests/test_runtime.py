@@ -470,3 +470,10 @@ def test_append_to_full_cache_equals_one_forward(model):
             input_ids=question, past_key_values=cache, position_ids=torch.arange(200, 206)[None], use_cache=True
         ).logits
     assert torch.allclose(logits, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_recorded_queries_do_not_pin_the_prefill_queries(model):
+    cap = curdkv.capture_prefill(model, random_ids(200), query_window=16)
+    for q in cap.queries:
+        assert q.shape[2] == 16
+        assert q.untyped_storage().nbytes() == q.numel() * q.element_size(), "a view would hold every query"

@@ -39,7 +39,8 @@ class QueryRecorder:
         self.queries: dict[int, torch.Tensor] = {}
 
     def record(self, layer_idx: int, query: torch.Tensor) -> None:
-        self.queries[layer_idx] = query[:, :, -self.window :].detach()
+        # A copy, not a view: a view would keep the whole prefill's queries alive.
+        self.queries[layer_idx] = query[:, :, -self.window :].detach().clone()
 
     def pop(self, layer_idx: int) -> torch.Tensor | None:
         return self.queries.pop(layer_idx, None)
