@@ -124,7 +124,12 @@ def main(argv=None) -> None:
         del capture
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        write(args, rows)  # after every length, so a later failure keeps what was measured
+    write(args, rows, final=True)
 
+
+def write(args, rows: list[dict], final: bool = False) -> None:
+    """Derived columns, the table, and the JSON file (rewritten whole each time)."""
     by_key = {(r["context_tokens"], r["method"], r["compression_ratio"]): r for r in rows}
     for r in rows:
         uniform = by_key.get((r["context_tokens"], "curdkv", r["compression_ratio"]))
@@ -146,11 +151,13 @@ def main(argv=None) -> None:
             ("bytes_vs_uniform_text", "bytes / uniform"), ("decode_vs_uniform_text", "decode / uniform"),
         ],
     )
-    print(table)
+    if final:
+        print(table)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     with open(args.out, "w") as f:
         json.dump({"environment": environment(), "settings": settings, "results": rows, "table": table}, f, indent=2)
-    print(f"wrote {args.out}")
+    if final:
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
