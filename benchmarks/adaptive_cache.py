@@ -62,6 +62,7 @@ def configurations(ratios):
     yield "full", 0.0, None, None
     for ratio in ratios:
         yield "curdkv", ratio, curdkv.CurDKVPress(ratio), None
+        yield "curdkv (dense layout)", ratio, curdkv.CurDKVPress(ratio), "dense"
         yield "adacurdkv", ratio, curdkv.AdaCurDKV(ratio), "ragged"
         yield "adacurdkv (masked, kvpress layout)", ratio, curdkv.AdaCurDKV(ratio), "masked"
 

@@ -86,16 +86,31 @@ def is_head_adaptive(press: Press) -> bool:
     return bool(getattr(press, "head_adaptive", False))
 
 
+def fast_ragged(keys: torch.Tensor) -> bool:
+    """Whether the ragged layout has its fast kernel here (CUDA + Triton).
+
+    There, uniform presses use it too: appended tokens go into a preallocated
+    tail instead of re-concatenating the whole kept cache at every decoding
+    step, and attention reads the kept tokens once. On CPU the dense layout
+    with PyTorch's sdpa is faster than the ragged reference.
+    """
+    if not keys.is_cuda:
+        return False
+    from .kernels.ragged_attention import triton_available
+
+    return triton_available()
+
+
 def compress_layer(press: Press, keys, values, queries, module, layer_idx: int, layout: str | None = None):
     """One layer's compressed cache: a :class:`CompressedLayer`, :class:`RaggedLayer` or :class:`MaskedLayer`.
 
-    ``layout``: ``"dense"`` (uniform presses; the default for them),
+    ``layout``: ``"dense"`` (uniform presses; their default on CPU),
     ``"ragged"`` (each head its own kept tokens; the default for head-adaptive
-    presses) or ``"masked"`` (everything stored, evicted entries hidden: the
+    presses, and for every press on CUDA with Triton) or ``"masked"`` (everything stored, evicted entries hidden: the
     reference layout, which saves no memory).
     """
     adaptive = is_head_adaptive(press)
-    layout = layout or ("ragged" if adaptive else "dense")
+    layout = layout or ("ragged" if adaptive or fast_ragged(keys) else "dense")
     check_choice("layout", layout, LAYOUTS)
     if layout == "dense" and adaptive:
         raise ValueError(f"layout must be 'ragged' or 'masked' for the head-adaptive press {press.name!r}, got 'dense'")
@@ -118,6 +133,8 @@ def compress_layer(press: Press, keys, values, queries, module, layer_idx: int, 
         indices = select_uniform(scores, n_keep, sinks, recent)
         if layout == "dense":
             return CompressedLayer.from_states(gather_tokens(keys, indices), gather_tokens(values, indices), n - n_keep)
+        if layout == "ragged":
+            return RaggedLayer.from_dense(gather_tokens(keys, indices), gather_tokens(values, indices), n)
         keep = torch.zeros(keys.shape[:3], dtype=torch.bool, device=keys.device).scatter_(-1, indices, True)
     layer_class = RaggedLayer if layout == "ragged" else MaskedLayer
     return layer_class.from_mask(keys, values, keep)
