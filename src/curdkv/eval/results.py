@@ -22,8 +22,13 @@ def summarize(records: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         groups[(r["model"], r["task"], r["length"], r["press"], float(r["compression_ratio"]))].append(r)
+    # Tasks and presses keep the order the run used (first appearance), not the alphabet.
+    task_rank = {t: i for i, t in enumerate(dict.fromkeys(r["task"] for r in records))}
+    press_rank = {p: i for i, p in enumerate(dict.fromkeys(r["press"] for r in records))}
+    order = sorted(groups, key=lambda k: (k[0], task_rank[k[1]], k[2], press_rank[k[3]], k[4]))
     rows = []
-    for (model, task, length, press, ratio), rs in sorted(groups.items()):
+    for (model, task, length, press, ratio) in order:
+        rs = groups[(model, task, length, press, ratio)]
         agree = [
             r["prediction"].strip() == full[(model, task, length, r["index"])].strip()
             for r in rs
@@ -121,6 +126,7 @@ def plot_average_vs_ratio(rows: list[dict], path, tasks: list[str] | None = None
 def write_outputs(records: list[dict], out_dir, averages: dict[str, list[str]] | None = None, title: str = "") -> list[dict]:
     """summary.csv, results.md and average_vs_ratio.png in ``out_dir``; returns the summary rows."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows = summarize(records)
     write_summary_csv(rows, out_dir / "summary.csv")
     text = [f"# {title}".rstrip(), "", "Scores (0-100).", "", results_table(rows, averages)]

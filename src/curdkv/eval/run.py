@@ -17,25 +17,32 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..environment import environment
 from ..models import load_model
 from .results import write_outputs
-from .sample import EvalSample
-from .sweep import Sweep, distributed_rank, merge_ranks, read_predictions, sweep_configs
+from .sample import EvalSample, read_samples, write_samples
+from .sweep import Config, Sweep, distributed_rank, merge_ranks, read_predictions
+
+SAMPLES = "samples.jsonl"
+SAMPLES_META = "samples.json"
 
 
 @dataclass
 class TaskFamily:
     """A benchmark as the runner sees it.
 
-    ``samples(tokenizer)`` builds the samples (the same for every press);
+    ``samples(tokenizer, max_length)`` builds the samples (the same for
+    every press; ``max_length`` is the model's context, or None);
     ``scorer(sample, prediction)`` scores one answer 0-100; ``averages``
-    maps a label to the tasks averaged under it (the first is plotted).
+    maps a label to the tasks averaged under it (the first is plotted);
+    ``params`` are what the samples depend on, recorded beside them.
     """
 
     name: str
-    samples: Callable[[object], list[EvalSample]]
+    samples: Callable[[object, int | None], list[EvalSample]]
     scorer: Callable[[EvalSample, str], float]
     averages: dict[str, list[str]] = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
 
 
 def _init_distributed(device: str | None) -> str | None:
@@ -54,20 +61,56 @@ def _init_distributed(device: str | None) -> str | None:
     return device or "cpu"
 
 
-def run_eval(
-    family: TaskFamily, model_name: str, presses, ratios, out_dir, dtype: str = "bfloat16",
-    device: str | None = None, batch_size: int | None = None, progress: bool = True,
-) -> list[dict] | None:
-    """Sweep ``presses`` x ``ratios`` (plus the full cache) over the family's samples.
+def model_context(model) -> int | None:
+    """The longest sequence the model was built for (``max_position_embeddings``), if it says."""
+    return getattr(model.config, "max_position_embeddings", None)
 
+
+def prepare_samples(family: TaskFamily, model_name: str, tokenizer, max_length, out_dir: Path) -> list[EvalSample]:
+    """The run's samples: read from ``out_dir`` when an earlier run wrote them, else built and written there.
+
+    Keeping them beside the predictions makes a resumed or sharded run
+    answer exactly the same samples, and lets a machine without the data
+    packages run samples built elsewhere.
+    """
+    meta = {"family": family.name, "model": model_name, **family.params}
+    meta_path, samples_path = out_dir / SAMPLES_META, out_dir / SAMPLES
+    if samples_path.exists() and meta_path.exists():
+        written = json.loads(meta_path.read_text())
+        if written != meta:
+            raise ValueError(
+                f"out_dir {str(out_dir)!r} holds samples built with {written}, not {meta}: use another --out"
+            )
+        return read_samples(samples_path)
+    if tokenizer is None:
+        raise ValueError(f"model {model_name!r} has no tokenizer; evaluations need a bundled or local model")
+    samples = family.samples(tokenizer, max_length)
+    if not samples:
+        raise ValueError(f"the {family.name} settings {family.params} produced no samples")
+    rank, _ = distributed_rank()
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_samples(samples, samples_path)
+        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return samples
+
+
+def run_eval(
+    family: TaskFamily, model_name: str, configs: list[Config], out_dir, dtype: str = "bfloat16",
+    device: str | None = None, batch_size: int | None = None, progress: bool = True, samples_only: bool = False,
+) -> list[dict] | None:
+    """Answer the family's samples under every configuration (see :func:`~curdkv.eval.sweep.sweep_configs`).
+
+    ``samples_only``: build and write the samples, answer nothing (returns ``[]``).
     Returns the summary rows (on rank 0; ``None`` on the other ranks).
     """
-    configs = sweep_configs(presses, ratios)
     out_dir = Path(out_dir)
     device = _init_distributed(device)
     rank, world = distributed_rank()
     model, tokenizer = load_model(model_name, dtype=dtype, device=device)
-    samples = family.samples(tokenizer)
+    samples = prepare_samples(family, model_name, tokenizer, model_context(model), out_dir)
+    if samples_only:
+        return []
     sweep = Sweep(model, tokenizer, model_name, configs, out_dir, family.scorer, batch_size)
     pending = sweep.pending(samples)
     total = sum(len(c) for _, c in pending)
@@ -79,12 +122,43 @@ def run_eval(
         if rank != 0:
             return None
         merge_ranks(out_dir)
-    records = read_predictions(out_dir)
-    title = f"{family.name} on {model_name}"
-    rows = write_outputs(records, out_dir, family.averages, title)
     settings = {
-        "family": family.name, "model": model_name, "presses": list(presses), "ratios": list(ratios),
-        "dtype": dtype, "device": str(device), "world_size": world, "samples": len(samples),
+        "family": family.name, "model": model_name, **family.params,
+        "configs": [[c.press, c.ratio] for c in configs], "averages": family.averages, "dtype": dtype,
+        "device": str(device), "world_size": world, "samples": len(samples), "environment": environment(),
     }
     (out_dir / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
-    return rows
+    return write_outputs(read_predictions(out_dir), out_dir, family.averages, f"{family.name} on {model_name}")
+
+
+def report(run_dir, out_dir=None, presses=None, ratios=None) -> list[dict]:
+    """Re-render a run's outputs for a subset of its configurations (the full cache is always kept).
+
+    ``presses``: press specs to keep (all by default); ``ratios``: compression
+    ratios to keep. Writes summary.csv, results.md and the plot to
+    ``out_dir`` (default: ``run_dir``) and returns the summary rows.
+    """
+    run_dir = Path(run_dir)
+    settings_path = run_dir / "settings.json"
+    if not settings_path.exists():
+        raise ValueError(f"run_dir {str(run_dir)!r} holds no finished run (settings.json is missing)")
+    settings = json.loads(settings_path.read_text())
+    records = read_predictions(run_dir)
+    keep_press = set(presses) if presses else None
+    keep_ratio = {round(float(r), 6) for r in ratios} if ratios else None
+    chosen = [
+        r for r in records
+        if r["press"] == "full" or (
+            (keep_press is None or r["press"] in keep_press)
+            and (keep_ratio is None or round(float(r["compression_ratio"]), 6) in keep_ratio)
+        )
+    ]
+    missing = sorted((keep_press or set()) - {r["press"] for r in chosen})
+    if missing:
+        raise ValueError(f"presses {missing} are not in the run {str(run_dir)!r}")
+    if len(chosen) == sum(r["press"] == "full" for r in records):
+        raise ValueError(f"no predictions in {str(run_dir)!r} match presses={presses} ratios={ratios}")
+    out_dir = Path(out_dir or run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    title = f"{settings['family']} on {settings['model']}"
+    return write_outputs(chosen, out_dir, settings.get("averages") or {}, title)

@@ -26,7 +26,7 @@ import torch
 
 from ..batched import stack_caches
 from ..context import answer_greedily, prefill_capture
-from ..presses import PRESSES, get_press
+from ..presses import get_press, parse_press_spec
 from .sample import EvalSample
 
 FULL = "full"
@@ -35,7 +35,7 @@ PREDICTIONS = "predictions.jsonl"
 
 @dataclass(frozen=True)
 class Config:
-    """One compression setting: a registry press name (or ``"full"``) and a ratio."""
+    """One compression setting: a press spec (registry name with options, or ``"full"``) and a ratio."""
 
     press: str
     ratio: float
@@ -44,16 +44,31 @@ class Config:
         return None if self.press == FULL else get_press(self.press, self.ratio)
 
 
-def sweep_configs(presses: Iterable[str], ratios: Iterable[float]) -> list[Config]:
-    """The full cache first, then every press at every ratio."""
-    presses, ratios = list(presses), [float(r) for r in ratios]
-    for name in presses:
-        if name != FULL and name not in PRESSES:
-            raise ValueError(f"presses must be among {sorted(PRESSES)} (or 'full'), got {name!r}")
-    for r in ratios:
-        if not 0.0 < r < 1.0:
-            raise ValueError(f"ratios must be in (0, 1), got {r!r}")
-    return [Config(FULL, 0.0)] + [Config(p, r) for p in presses if p != FULL for r in ratios]
+def sweep_configs(
+    presses: Iterable[str], ratios: Iterable[float], extra: Iterable[tuple[Iterable[str], Iterable[float]]] = ()
+) -> list[Config]:
+    """The full cache first, then every press at every ratio, then each ``extra`` (presses, ratios) grid.
+
+    Presses are specs (``"curdkv"``, ``"curdkv:leverage=key"``, see
+    :func:`curdkv.presses.parse_press_spec`); each is built once here so a
+    bad spec fails before any model runs. Repeated configurations are dropped.
+    """
+    configs = [Config(FULL, 0.0)]
+    for group_presses, group_ratios in [(presses, ratios), *extra]:
+        group_presses, group_ratios = list(group_presses), [float(r) for r in group_ratios]
+        for r in group_ratios:
+            if not 0.0 < r < 1.0:
+                raise ValueError(f"ratios must be in (0, 1), got {r!r}")
+        for spec in group_presses:
+            if spec == FULL:
+                continue
+            parse_press_spec(spec)
+            for r in group_ratios:
+                config = Config(spec, r)
+                config.build()
+                if config not in configs:
+                    configs.append(config)
+    return configs
 
 
 def record_key(record: dict) -> tuple:
@@ -123,6 +138,8 @@ class Sweep:
         rank, world = distributed_rank()
         path = self.out_dir / (PREDICTIONS if world == 1 else f"predictions-rank{rank}.jsonl")
         with path.open("a") as out:
+            if out.tell() and _last_byte(path) != b"\n":
+                out.write("\n")  # end a line an interrupted run cut short, or the next record joins it
             for sample, configs in self.pending(samples):
                 for record in self.answer(sample, configs):
                     out.write(json.dumps(record) + "\n")
@@ -160,6 +177,12 @@ class Sweep:
                 )
             del caches, cache
         return records
+
+
+def _last_byte(path: Path) -> bytes:
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
 
 
 def merge_ranks(out_dir) -> Path:

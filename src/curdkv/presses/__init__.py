@@ -27,12 +27,51 @@ PRESSES: dict[str, Callable[..., Press]] = {
 }
 
 
-def get_press(name: str, compression_ratio: float = 0.0, **kwargs) -> Press:
-    """Build a press by its registry name, e.g. ``get_press("curdkv", 0.5)``."""
+def _option_value(text: str):
+    """``none`` -> None, integers and floats as numbers, ``true``/``false`` as booleans, else the text."""
+    lowered = text.lower()
+    if lowered == "none":
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_press_spec(spec: str) -> tuple[str, dict]:
+    """Split ``"curdkv:leverage=key:local_window=16"`` into ``("curdkv", {"leverage": "key", "local_window": 16})``.
+
+    A spec is a registry name, optionally followed by ``:option=value`` pairs
+    passed to the press's constructor (``none`` for None). It names one
+    configuration in sweeps and on the command line, where commas separate specs.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"press must be a non-empty string, got {spec!r}")
+    name, *options = spec.strip().split(":")
     key = name.lower()
     if key not in PRESSES:
-        raise ValueError(f"press must be one of {sorted(PRESSES)}, got {name!r}")
-    return PRESSES[key](compression_ratio=compression_ratio, **kwargs)
+        raise ValueError(f"press must be one of {sorted(PRESSES)}, got {name!r} (in {spec!r})")
+    kwargs = {}
+    for option in options:
+        field, sep, value = option.partition("=")
+        if not sep or not field or not value:
+            raise ValueError(f"press options must look like name:option=value[:option=value], got {spec!r}")
+        kwargs[field] = _option_value(value)
+    return key, kwargs
+
+
+def get_press(name: str, compression_ratio: float = 0.0, **kwargs) -> Press:
+    """Build a press by registry name or spec, e.g. ``get_press("curdkv", 0.5)``, ``get_press("curdkv:leverage=key", 0.5)``."""
+    key, options = parse_press_spec(name)
+    options.update(kwargs)
+    try:
+        return PRESSES[key](compression_ratio=compression_ratio, **options)
+    except TypeError as error:  # an option the press does not have
+        raise ValueError(f"press {name!r}: {error}") from None
 
 
 __all__ = [
@@ -49,4 +88,5 @@ __all__ = [
     "AdaSnapKV",
     "PRESSES",
     "get_press",
+    "parse_press_spec",
 ]
