@@ -126,6 +126,15 @@ def compress_layer(press: Press, keys, values, queries, module, layer_idx: int, 
         raise ValueError(
             f"{type(press).__name__}.score returned shape {tuple(scores.shape)}, expected {tuple(keys.shape[:3])}"
         )
+    bad = torch.isnan(scores)
+    if bool(bad.any()):
+        heads = sorted({int(h) for h in bad.nonzero()[:, 1].tolist()})
+        inputs = ", ".join(f"{name} {'finite' if bool(torch.isfinite(t).all()) else 'NOT finite'}"
+                           for name, t in (("keys", keys), ("values", values), ("queries", queries)) if t is not None)
+        raise ValueError(
+            f"{press!r} returned {int(bad.sum())} NaN scores at layer {layer_idx}, KV heads {heads}, "
+            f"over {n} tokens ({inputs})"
+        )
     sinks, recent = press.protected_sinks, press.protected_recent
     if adaptive:
         keep = select_adaptive(scores, n_keep, press.alpha, sinks, recent)
