@@ -76,6 +76,9 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=None, help="sweep batch (default: the engine's)")
+    parser.add_argument("--require-match", action="store_true",
+                        help="exit 1 unless every answer matches (use with float32: in bfloat16 a batch of "
+                             "different size rounds differently and near-tie tokens can flip)")
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args(argv)
 
@@ -137,6 +140,8 @@ def main(argv=None) -> None:
     for m in mismatches:
         print(f"  differs: {m['sample']} {m['press']}@{m['ratio']}: loop {m['loop']!r} vs sweep {m['sweep']!r}")
     print(f"wrote {args.out}")
+    if args.require_match and mismatches:
+        raise SystemExit(f"{len(mismatches)} answers differ between the plain loop and the sweep")
 
 
 if __name__ == "__main__":

@@ -569,3 +569,21 @@ def test_gather_tokens_equals_advanced_indexing():
         for h in range(H_KV):
             for i in range(k):
                 assert torch.equal(got[b, h, i], keys[b, h, indices[b, h, i]])
+
+
+def test_exact_leverage_stays_finite_on_near_collinear_heads():
+    # Half the channels are copies of one channel up to 1e-5 noise, in bfloat16 like real keys:
+    # the unit-scaled Gram matrix is singular up to the ridge. Leverage must stay a valid
+    # distribution (each in [0, 1], summing to at most D), never NaN.
+    from curdkv.presses.curdkv import exact_leverage
+
+    gen = torch.Generator().manual_seed(5)
+    n, d = 2000, 64
+    base = torch.randn(1, 2, n, d, generator=gen)
+    base[..., d // 2 :] = base[..., :1] + 1e-5 * torch.randn(1, 2, n, d // 2, generator=gen)
+    base[..., 0] *= 300.0  # one massive channel
+    lev = exact_leverage(base.bfloat16())
+    assert lev.dtype == torch.float32 and bool(torch.isfinite(lev).all())
+    assert float(lev.min()) >= 0.0 and float(lev.max()) <= 1.0 + 1e-4
+    sums = lev.sum(-1)
+    assert bool(((sums > d // 2 - 1) & (sums <= d + 1e-3)).all())

@@ -34,21 +34,28 @@ def exact_leverage(states: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
     otherwise make the Gram matrix ill-conditioned); a ridge of ``ridge`` on
     that unit diagonal keeps rank-deficient heads finite (their null directions
     then carry ~0 leverage, as in the SVD with zero singular values dropped).
+
+    The solve runs in float64: with a condition number near 1/ridge, float32
+    Cholesky factors of real heads (Qwen2.5's first layer) came out with NaN
+    on CUDA without reporting failure. At O(N D²) float64 costs little.
     """
-    x = states.float()
-    x = x / x.norm(dim=-2, keepdim=True).clamp_min(1e-30)
+    x = states.double()
+    x = x / x.norm(dim=-2, keepdim=True).clamp_min(1e-300)
     gram = x.transpose(-1, -2) @ x  # [B, H, D, D], unit diagonal
     d = gram.shape[-1]
     gram = gram + ridge * torch.eye(d, device=x.device, dtype=x.dtype)
     chol, info = torch.linalg.cholesky_ex(gram)
-    if bool((info != 0).any()):
-        # Numerically indefinite after the ridge: fall back to an eigen-solve for those heads.
+    leverage = None
+    if not bool((info != 0).any()):
+        # Solve L Z = Xᵀ, then leverage_j = ||Z[:, j]||².
+        z = torch.linalg.solve_triangular(chol, x.transpose(-1, -2), upper=False)
+        leverage = z.square().sum(-2)
+    if leverage is None or not bool(torch.isfinite(leverage).all()):
+        # Numerically indefinite after the ridge: an eigen-solve, which cannot fail this way.
         evals, evecs = torch.linalg.eigh(gram)
-        inv_sqrt = evecs * evals.clamp_min(1e-30).rsqrt().unsqueeze(-2)
-        return (x @ inv_sqrt).square().sum(-1)
-    # Solve L Z = Xᵀ, then leverage_j = ||Z[:, j]||².
-    z = torch.linalg.solve_triangular(chol, x.transpose(-1, -2), upper=False)
-    return z.square().sum(-2)
+        inv_sqrt = evecs * evals.clamp_min(ridge).rsqrt().unsqueeze(-2)
+        leverage = (x @ inv_sqrt).square().sum(-1)
+    return leverage.float()
 
 
 def normalise(scores: torch.Tensor, local_window: int | None) -> torch.Tensor:
