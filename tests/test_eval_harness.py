@@ -315,3 +315,11 @@ def test_cli_ruler_end_to_end_on_smollm2(tmp_path, capsys):
     before = (out / "predictions.jsonl").read_text()
     assert cli_main(argv) == 0
     assert (out / "predictions.jsonl").read_text() == before
+
+
+def test_pending_interleaves_tasks_so_partial_runs_cover_every_task(tiny, tokenizer, tmp_path):
+    samples = [EvalSample(task=t, index=i, context="x", question="q?", answers=("a",), metric="m")
+               for t in ("a", "b", "c") for i in range(3)]
+    sweep = Sweep(tiny, tokenizer, "tiny", CONFIGS[:2], tmp_path, _score)
+    order = [(s.task, s.index) for s, _ in sweep.pending(samples)]
+    assert order == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("b", 1), ("c", 1), ("a", 2), ("b", 2), ("c", 2)]

@@ -120,7 +120,7 @@ class Sweep:
         self.query_window = max([p.query_window for p in self.presses.values() if p is not None] + [0])
 
     def pending(self, samples: list[EvalSample]) -> list[tuple[EvalSample, list[Config]]]:
-        """The samples of this rank with the configurations not yet written for them."""
+        """The samples of this rank with the configurations not yet written for them, tasks interleaved."""
         done = {record_key(r) for r in read_predictions(self.out_dir)}
         rank, world = distributed_rank()
         todo = []
@@ -130,6 +130,10 @@ class Sweep:
             left = [c for c in self.configs if (sample.task, sample.length, sample.index, c.press, c.ratio) not in done]
             if left:
                 todo.append((sample, left))
+        # Round-robin over tasks and lengths (sample 0 of every task, then sample 1, ...), so a
+        # run stopped part-way has answered every task on its first samples rather than some tasks only.
+        first_seen = {key: i for i, key in reversed(list(enumerate((s.task, s.length) for s in samples)))}
+        todo.sort(key=lambda item: (item[0].index, first_seen[(item[0].task, item[0].length)]))
         return todo
 
     def run(self, samples: list[EvalSample], progress=None) -> None:
