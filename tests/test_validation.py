@@ -203,3 +203,18 @@ def test_compress_states_wrong_score_shape():
     keys, values = _states(20)
     with pytest.raises(ValueError, match="shape"):
         compress_states(WrongShapePress(compression_ratio=0.5), keys, values, None, None, 0)
+
+
+def test_nan_scores_name_the_press_layer_and_heads():
+    from curdkv.runtime import compress_layer
+
+    class NaNHead(curdkv.KNormPress):
+        def score(self, view):
+            scores = super().score(view)
+            scores[0, 1, 5] = math.nan
+            return scores
+
+    keys, values = torch.randn(1, 2, 50, 8), torch.randn(1, 2, 50, 8)
+    for layout in ("dense", "ragged"):
+        with pytest.raises(ValueError, match=r"NaNHead.*returned 1 NaN scores at layer 3, KV heads \[1\].*keys finite"):
+            compress_layer(NaNHead(compression_ratio=0.5), keys, values, None, None, 3, layout)

@@ -198,14 +198,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype=None, device=None, attn_implemen
     hf_logging.set_verbosity_error()  # GGUF loading warns about dtype choices we make on purpose
     hf_logging.disable_progress_bar()
     try:
-        if name in BUNDLED:
-            path = bundled_gguf(name)
-            kwargs = dict(gguf_file=path.name, local_files_only=True)
-            source = str(path.parent)
-        elif Path(name).is_dir():
-            kwargs, source = dict(local_files_only=True), name
-        else:
-            raise ValueError(f"name must be one of {model_names()}, got {name!r}")
+        source, kwargs = _source(name)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, attn_implementation=attn_implementation, **kwargs
@@ -215,6 +208,26 @@ def load_model(name: str = DEFAULT_MODEL, dtype=None, device=None, attn_implemen
         if bars:
             hf_logging.enable_progress_bar()
     return (_spread(model) if spread else model.to(device)).eval(), tokenizer
+
+
+def _source(name: str) -> tuple[str, dict]:
+    """Where transformers reads a bundled model or local directory from, and how."""
+    if name in BUNDLED:
+        path = bundled_gguf(name)
+        return str(path.parent), dict(gguf_file=path.name, local_files_only=True)
+    if Path(name).is_dir():
+        return name, dict(local_files_only=True)
+    raise ValueError(f"name must be one of {model_names()}, got {name!r}")
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL):
+    """The tokenizer of a bundled model or local directory alone, without loading weights."""
+    from transformers import AutoTokenizer
+
+    if not isinstance(name, str) or not name or name.startswith("random:"):
+        raise ValueError(f"name must be a bundled model or a local directory ({model_names()[:-1]}...), got {name!r}")
+    source, kwargs = _source(name)
+    return AutoTokenizer.from_pretrained(source, **kwargs)
 
 
 def _spread(model):

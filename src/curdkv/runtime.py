@@ -23,7 +23,7 @@ from .attention import QueryRecorder, recording_queries, using_curdkv_attention
 from .cache import CompressedCache, CompressedLayer
 from .presses.base import Press, ScoringView, check_choice
 from .ragged_layer import MaskedLayer, RaggedLayer
-from .selection import gather_tokens, kept_count, select_adaptive, select_uniform
+from .selection import NaNScores, gather_tokens, kept_count, select_adaptive, select_uniform
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -101,6 +101,16 @@ def fast_ragged(keys: torch.Tensor) -> bool:
     return triton_available()
 
 
+def _nan_report(press: Press, scores, layer_idx: int, keys, values, queries) -> str:
+    """Which press, layer and heads produced NaN scores, and whether what it read was finite."""
+    bad = torch.isnan(scores)
+    heads = sorted({int(h) for h in bad.nonzero()[:, 1].tolist()})
+    inputs = ", ".join(f"{name} {'finite' if bool(torch.isfinite(t).all()) else 'NOT finite'}"
+                       for name, t in (("keys", keys), ("values", values), ("queries", queries)) if t is not None)
+    return (f"{press!r} returned {int(bad.sum())} NaN scores at layer {layer_idx}, KV heads {heads}, "
+            f"over {keys.shape[2]} tokens ({inputs})")
+
+
 def compress_layer(press: Press, keys, values, queries, module, layer_idx: int, layout: str | None = None):
     """One layer's compressed cache: a :class:`CompressedLayer`, :class:`RaggedLayer` or :class:`MaskedLayer`.
 
@@ -126,20 +136,15 @@ def compress_layer(press: Press, keys, values, queries, module, layer_idx: int, 
         raise ValueError(
             f"{type(press).__name__}.score returned shape {tuple(scores.shape)}, expected {tuple(keys.shape[:3])}"
         )
-    bad = torch.isnan(scores)
-    if bool(bad.any()):
-        heads = sorted({int(h) for h in bad.nonzero()[:, 1].tolist()})
-        inputs = ", ".join(f"{name} {'finite' if bool(torch.isfinite(t).all()) else 'NOT finite'}"
-                           for name, t in (("keys", keys), ("values", values), ("queries", queries)) if t is not None)
-        raise ValueError(
-            f"{press!r} returned {int(bad.sum())} NaN scores at layer {layer_idx}, KV heads {heads}, "
-            f"over {n} tokens ({inputs})"
-        )
     sinks, recent = press.protected_sinks, press.protected_recent
-    if adaptive:
-        keep = select_adaptive(scores, n_keep, press.alpha, sinks, recent)
-    else:
-        indices = select_uniform(scores, n_keep, sinks, recent)
+    try:
+        if adaptive:
+            keep = select_adaptive(scores, n_keep, press.alpha, sinks, recent)
+        else:
+            indices = select_uniform(scores, n_keep, sinks, recent)
+    except NaNScores:
+        raise ValueError(_nan_report(press, scores, layer_idx, keys, values, queries)) from None
+    if not adaptive:
         if layout == "dense":
             return CompressedLayer.from_states(gather_tokens(keys, indices), gather_tokens(values, indices), n - n_keep)
         if layout == "ragged":

@@ -57,12 +57,16 @@ def protect(scores: torch.Tensor, sinks: int, recent: int) -> torch.Tensor:
     return scores
 
 
+class NaNScores(ValueError):
+    """A press scored some tokens NaN; the runtime re-raises it with the press and layer named."""
+
+
 def _checked(scores: torch.Tensor, n_keep: int, sinks: int, recent: int) -> torch.Tensor:
     if scores.dim() != 3:
         raise ValueError(f"scores must have shape [B, H_kv, N], got {tuple(scores.shape)}")
     check_budget(scores.shape[-1], n_keep, sinks, recent)
     if torch.isnan(scores).any():
-        raise ValueError("the press returned NaN scores")
+        raise NaNScores("the press returned NaN scores")
     return protect(scores.float(), sinks, recent)
 
 

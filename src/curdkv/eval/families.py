@@ -66,7 +66,7 @@ def longbench_family(data_dir, tasks: Sequence[str] | None = None, max_tokens: i
     def scorer(sample: EvalSample, prediction: str) -> float:
         return 100.0 * longbench_score(prediction, sample)
 
-    averages = {"average": [t for t in tasks]}
+    averages = {"average": list(tasks)}
     averages.update({name: list(members) for name, members in LONGBENCH_CATEGORIES.items()
                      if any(t in tasks for t in members)})
     params = {"data_dir": str(data_dir), "tasks": list(tasks), "max_tokens": max_tokens, "num_samples": num_samples}

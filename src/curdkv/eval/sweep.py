@@ -132,8 +132,10 @@ class Sweep:
                 todo.append((sample, left))
         # Round-robin over tasks and lengths (sample 0 of every task, then sample 1, ...), so a
         # run stopped part-way has answered every task on its first samples rather than some tasks only.
-        first_seen = {key: i for i, key in reversed(list(enumerate((s.task, s.length) for s in samples)))}
-        todo.sort(key=lambda item: (item[0].index, first_seen[(item[0].task, item[0].length)]))
+        task_rank: dict[tuple, int] = {}
+        for s in samples:
+            task_rank.setdefault((s.task, s.length), len(task_rank))
+        todo.sort(key=lambda item: (item[0].index, task_rank[(item[0].task, item[0].length)]))
         return todo
 
     def run(self, samples: list[EvalSample], progress=None) -> None:
