@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     _add_eval(sub)
+    from .cli_measure import add_analyze, add_bench
+
+    parsers = dict(lengths=_lengths, ratios=_ratios, presses=_presses, positive=_positive)
+    add_bench(sub, parsers)
+    add_analyze(sub, parsers)
     sub.add_parser("models", help="list the models load_model knows")
     sub.add_parser("presses", help="list the presses")
     return parser
@@ -168,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             print(f"curdkv eval: error: {error}", file=sys.stderr)
             return 2
+    if args.command in ("bench", "analyze"):
+        from .cli_measure import run_analyze_command, run_bench_command
+
+        return (run_bench_command if args.command == "bench" else run_analyze_command)(args)
     if args.command == "models":
         print("\n".join(model_names()))
         return 0

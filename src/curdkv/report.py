@@ -30,3 +30,13 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -125,11 +125,30 @@ def compress_layer(press: Press, keys, values, queries, module, layer_idx: int, 
     if layout == "dense" and adaptive:
         raise ValueError(f"layout must be 'ragged' or 'masked' for the head-adaptive press {press.name!r}, got 'dense'")
     n = keys.shape[2]
+    if kept_count(n, press.compression_ratio) == n:
+        if n == 0:
+            raise ValueError("the context is empty: there is nothing to compress")
+        return CompressedLayer.from_states(keys, values, 0)
+    chosen = select_tokens(press, keys, values, queries, module, layer_idx)
+    if adaptive:
+        keep = chosen
+    elif layout == "dense":
+        return CompressedLayer.from_states(gather_tokens(keys, chosen), gather_tokens(values, chosen), n - chosen.shape[-1])
+    elif layout == "ragged":
+        return RaggedLayer.from_dense(gather_tokens(keys, chosen), gather_tokens(values, chosen), n)
+    else:
+        keep = torch.zeros(keys.shape[:3], dtype=torch.bool, device=keys.device).scatter_(-1, chosen, True)
+    layer_class = RaggedLayer if layout == "ragged" else MaskedLayer
+    return layer_class.from_mask(keys, values, keep)
+
+
+def select_tokens(press: Press, keys, values, queries, module, layer_idx: int) -> torch.Tensor:
+    """The press's choice at one layer: sorted kept indices ``[B, H_kv, k]`` for a uniform
+    press, a keep mask ``[B, H_kv, N]`` for a head-adaptive one."""
+    n = keys.shape[2]
     if n == 0:
         raise ValueError("the context is empty: there is nothing to compress")
     n_keep = kept_count(n, press.compression_ratio)
-    if n_keep == n:
-        return CompressedLayer.from_states(keys, values, 0)
     view = ScoringView(keys=keys, values=values, queries=queries, module=module, layer_idx=layer_idx)
     scores = press.score(view)
     if tuple(scores.shape) != tuple(keys.shape[:3]):
@@ -138,20 +157,21 @@ def compress_layer(press: Press, keys, values, queries, module, layer_idx: int, 
         )
     sinks, recent = press.protected_sinks, press.protected_recent
     try:
-        if adaptive:
-            keep = select_adaptive(scores, n_keep, press.alpha, sinks, recent)
-        else:
-            indices = select_uniform(scores, n_keep, sinks, recent)
+        if is_head_adaptive(press):
+            return select_adaptive(scores, n_keep, press.alpha, sinks, recent)
+        return select_uniform(scores, n_keep, sinks, recent)
     except NaNScores:
         raise ValueError(_nan_report(press, scores, layer_idx, keys, values, queries)) from None
-    if not adaptive:
-        if layout == "dense":
-            return CompressedLayer.from_states(gather_tokens(keys, indices), gather_tokens(values, indices), n - n_keep)
-        if layout == "ragged":
-            return RaggedLayer.from_dense(gather_tokens(keys, indices), gather_tokens(values, indices), n)
-        keep = torch.zeros(keys.shape[:3], dtype=torch.bool, device=keys.device).scatter_(-1, indices, True)
-    layer_class = RaggedLayer if layout == "ragged" else MaskedLayer
-    return layer_class.from_mask(keys, values, keep)
+
+
+def kept_mask(press: Press, keys, values, queries, module, layer_idx: int) -> torch.Tensor:
+    """Which context tokens each KV head keeps at one layer: bool ``[B, H_kv, N]``."""
+    if kept_count(keys.shape[2], press.compression_ratio) == keys.shape[2]:
+        return torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
+    chosen = select_tokens(press, keys, values, queries, module, layer_idx)
+    if chosen.dtype == torch.bool:
+        return chosen
+    return torch.zeros(keys.shape[:3], dtype=torch.bool, device=keys.device).scatter_(-1, chosen, True)
 
 
 def _refuse_padding(module, args, kwargs):

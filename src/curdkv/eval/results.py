@@ -7,7 +7,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from ..report import markdown_table
+from ..report import markdown_table, pyplot
 
 SUMMARY_COLUMNS = ("model", "task", "length", "press", "compression_ratio", "score", "n", "fidelity")
 
@@ -94,11 +94,7 @@ def results_table(rows: list[dict], averages: dict[str, list[str]] | None = None
 
 def plot_average_vs_ratio(rows: list[dict], path, tasks: list[str] | None = None, title: str = "") -> None:
     """Average score over ``tasks`` (default: all) against compression ratio, one line per press."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     chosen = [r for r in rows if tasks is None or r["task"] in tasks]
     by_press: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in chosen:

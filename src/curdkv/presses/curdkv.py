@@ -58,6 +58,20 @@ def exact_leverage(states: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
     return leverage.float()
 
 
+def exact_leverage_auto(states: torch.Tensor) -> torch.Tensor:
+    """Exact leverage by the fastest accurate route here.
+
+    On CUDA with Triton and a bf16/fp16 cache: two reads of the states in
+    their own dtype (:mod:`curdkv.kernels.leverage`); elsewhere the float64
+    :func:`exact_leverage`.
+    """
+    from ..kernels.leverage import fast_path_available, half_precision_leverage
+
+    if fast_path_available(states):
+        return half_precision_leverage(states)
+    return exact_leverage(states)
+
+
 def normalise(scores: torch.Tensor, local_window: int | None) -> torch.Tensor:
     """Scale scores to sum 1 per head, or within each window of ``local_window`` tokens."""
     if local_window is None:
@@ -144,7 +158,7 @@ class CurDKVPress(Press):
     def leverages(self, view: ScoringView) -> tuple[torch.Tensor, torch.Tensor]:
         """Unnormalised key and value leverage, each float32 ``[B, H_kv, N]``."""
         if self.estimator == "exact":
-            return exact_leverage(view.keys), exact_leverage(view.values)
+            return exact_leverage_auto(view.keys), exact_leverage_auto(view.values)
         g = self.projection(view.num_kv_heads, view.keys.shape[-1], view.keys.device)
         return projected_leverage(view.keys, g), projected_leverage(view.values, g)
 

@@ -1,0 +1,333 @@
+"""``curdkv bench``: cache bytes, peak memory, prefill, decode and compression overhead.
+
+For each context length: a plain full-cache prefill (time, peak memory),
+then a prefill that compresses layer by layer (:func:`curdkv.compress`) for
+every method and ratio (time including compression, peak memory), then one
+captured prefill from which every configuration's cache is built again
+(:meth:`PrefillCapture.build_cache`) to time the compression alone
+(scoring + selection + gather, every layer) and to decode a fixed number of
+greedy tokens.
+
+Derived columns, with the conventions they rest on:
+
+- ``overhead_percent_of_prefill``: compression time of all layers over the
+  full-cache prefill time (the paper's Appendix C.4 runtime comparison);
+- ``bandwidth_limit_ms_per_layer``: one layer's K and V bytes read once at
+  the measured copy bandwidth (read + write bytes per second of a
+  device-to-device copy); ``overhead_vs_bandwidth`` is the measured
+  per-layer overhead over it;
+- ``ideal_decode_speedup``: what the smaller cache alone would give if the
+  part of a decode step that grows with the cache shrank exactly with it:
+  ``t_full / (t_fixed + (1 - r) (t_full - t_fixed))``, ``t_fixed`` being the
+  step time with a near-empty cache (weights, host overhead);
+  ``decode_efficiency`` is the measured speedup over the ideal one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from ..environment import environment
+from ..models import load_model
+from ..presses import get_press, parse_press_spec
+from ..runtime import attention_modules, capture_prefill, compress
+from .timing import copy_bandwidth, decode_seconds_per_token, median_seconds, timer
+
+GOALS = {
+    "curdkv_overhead_percent_max": 0.2,
+    "curdkv_overhead_vs_bandwidth_max": 2.0,
+    "snapkv_overhead_percent_max": 1.0,
+    "decode_efficiency_min": 0.8,
+}
+# Context of the near-empty cache that measures the fixed part of a decode step.
+FIXED_CONTEXT = 64
+
+
+@dataclass
+class BenchSettings:
+    """What ``curdkv bench`` measures; every field is recorded in the JSON."""
+
+    model: str = "random:llama-3.1-8b"
+    lengths: tuple[int, ...] = (4096, 16384, 32768, 65536, 131072)
+    ratios: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9)
+    methods: tuple[str, ...] = ("curdkv", "adacurdkv", "snapkv")
+    decode_tokens: int = 100
+    repeats: int = 3
+    decode_repeats: int = 2
+    dtype: str = "bfloat16"
+    device: str | None = None
+    attn_implementation: str = "sdpa"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.lengths = tuple(int(n) for n in self.lengths)
+        self.ratios = tuple(float(r) for r in self.ratios)
+        self.methods = tuple(self.methods)
+        if not self.lengths or any(n < FIXED_CONTEXT for n in self.lengths):
+            raise ValueError(f"lengths must be integers >= {FIXED_CONTEXT}, got {self.lengths}")
+        if not self.ratios or any(not 0.0 <= r < 1.0 for r in self.ratios):
+            raise ValueError(f"ratios must be numbers in [0, 1), got {self.ratios}")
+        for method in self.methods:
+            parse_press_spec(method)  # raises naming the registry
+        for name in ("decode_tokens", "repeats", "decode_repeats"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def same_run(self, other: dict) -> bool:
+        """Whether a JSON's settings describe the same run up to the lengths measured."""
+        mine = {k: v for k, v in self.as_dict().items() if k != "lengths"}
+        theirs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in other.items() if k != "lengths"}
+        return mine == theirs
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class _Memory:
+    """Peak allocated bytes on a CUDA device over a block (``None`` on CPU)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        return False
+
+
+@torch.no_grad()
+def _prefill(model, ids: torch.Tensor, press=None) -> tuple[float, int | None]:
+    """Seconds and peak bytes of one prefill (compressed layer by layer when ``press`` is given)."""
+    with _Memory(ids.device) as memory:
+        stop = timer(ids.device)
+        cache = DynamicCache()
+        if press is None:
+            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        else:
+            with compress(model, press):
+                model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        seconds = stop()
+    del cache
+    return seconds, memory.peak
+
+
+def _tokens(vocab: int, length: int, seed: int, device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed + length)
+    return torch.randint(0, vocab, (1, length), generator=gen).to(device)
+
+
+def _fixed_decode_seconds(model, settings: BenchSettings, device) -> float:
+    """Seconds per decode step with a near-empty cache: what does not shrink with the cache."""
+    ids = _tokens(model.config.vocab_size, FIXED_CONTEXT, settings.seed, device)
+    cache = capture_prefill(model, ids).build_cache(None)
+    first = ids[:, -1:]
+    decode_seconds_per_token(model, cache, first, FIXED_CONTEXT, 3)
+    return statistics.median(
+        decode_seconds_per_token(model, cache, first, FIXED_CONTEXT, settings.decode_tokens)
+        for _ in range(settings.decode_repeats)
+    )
+
+
+def _warm_up(model, settings: BenchSettings, device) -> None:
+    """Compile every kernel once (Triton, cuBLAS plans) so no timing includes it."""
+    ids = _tokens(model.config.vocab_size, 1024, settings.seed, device)
+    capture = capture_prefill(model, ids)
+    for method in settings.methods:
+        cache = capture.build_cache(get_press(method, 0.5))
+        decode_seconds_per_token(model, cache, ids[:, -1:], 1024, 2)
+    _prefill(model, ids)
+
+
+def _configs(settings: BenchSettings):
+    yield "full", 0.0
+    for method in settings.methods:
+        for ratio in settings.ratios:
+            if ratio > 0:
+                yield method, ratio
+
+
+@torch.no_grad()
+def measure_length(model, settings: BenchSettings, length: int, bandwidth: float, t_fixed: float, bar=None) -> list[dict]:
+    """Every configuration's row at one context length."""
+    device = next(model.parameters()).device
+    ids = _tokens(model.config.vocab_size, length, settings.seed, device)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    rows = {}
+    for method, ratio in _configs(settings):
+        press = None if method == "full" else get_press(method, ratio)
+        prefill_s, peak = _prefill(model, ids, press)
+        rows[method, ratio] = dict(
+            context_tokens=length, method=method, compression_ratio=ratio, prefill_s=prefill_s,
+            peak_prefill_bytes=peak, peak_prefill_above_weights_bytes=None if peak is None else peak - weights,
+        )
+    capture = capture_prefill(model, ids)
+    layers = capture.num_layers
+    layer_kv_bytes = capture.nbytes() / layers
+    limit = layer_kv_bytes / bandwidth if bandwidth else None
+    first = ids[:, -1:]
+    for method, ratio in _configs(settings):
+        press = None if method == "full" else get_press(method, ratio)
+        built = []
+
+        def build():
+            built[:] = [capture.build_cache(press)]
+
+        overhead = 0.0 if press is None else median_seconds(build, device, settings.repeats)
+        if not built:
+            build()
+        cache = built[0]
+        decode_seconds_per_token(model, cache, first, length, 3)
+        per_token = statistics.median(
+            decode_seconds_per_token(model, cache, first, length, settings.decode_tokens)
+            for _ in range(settings.decode_repeats)
+        )
+        row = rows[method, ratio]
+        row.update(
+            kv_bytes=cache.nbytes(), decode_ms_per_token=per_token * 1000,
+            overhead_ms_total=overhead * 1000, overhead_ms_per_layer=overhead * 1000 / layers,
+            bandwidth_limit_ms_per_layer=None if limit is None else limit * 1000,
+        )
+        del cache, built
+        if bar is not None:
+            bar.update(1)
+    del capture
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return _derive(list(rows.values()), t_fixed)
+
+
+def _derive(rows: list[dict], t_fixed: float) -> list[dict]:
+    full = next(r for r in rows if r["method"] == "full")
+    t_full = full["decode_ms_per_token"] / 1000
+    for r in rows:
+        r["kv_gb"] = r["kv_bytes"] / 1e9
+        r["kv_fraction_of_full"] = r["kv_bytes"] / full["kv_bytes"]
+        r["peak_prefill_gb"] = None if r["peak_prefill_bytes"] is None else r["peak_prefill_bytes"] / 1e9
+        r["overhead_percent_of_prefill"] = 100 * r["overhead_ms_total"] / 1000 / full["prefill_s"]
+        limit = r["bandwidth_limit_ms_per_layer"]
+        r["overhead_vs_bandwidth"] = r["overhead_ms_per_layer"] / limit if limit and r["method"] != "full" else None
+        r["decode_speedup"] = t_full / (r["decode_ms_per_token"] / 1000)
+        ideal_t = t_fixed + (1 - r["compression_ratio"]) * max(t_full - t_fixed, 0.0)
+        r["ideal_decode_speedup"] = t_full / ideal_t
+        r["decode_efficiency"] = r["decode_speedup"] / r["ideal_decode_speedup"]
+    return rows
+
+
+def check_goals(rows: list[dict]) -> dict:
+    """The targets at the longest context measured: each with its value and whether it is met."""
+    if not rows:
+        return {}
+    longest = max(r["context_tokens"] for r in rows)
+    at = [r for r in rows if r["context_tokens"] == longest]
+    full = next(r for r in at if r["method"] == "full")
+    goals = {"context_tokens": longest}
+
+    def worst(method: str, key: str, fn=max):
+        values = [r[key] for r in at if r["method"] == method and r[key] is not None]
+        return fn(values) if values else None
+
+    for method, key, limit, name in (
+        ("curdkv", "overhead_percent_of_prefill", GOALS["curdkv_overhead_percent_max"], "curdkv_overhead_percent"),
+        ("curdkv", "overhead_vs_bandwidth", GOALS["curdkv_overhead_vs_bandwidth_max"], "curdkv_overhead_vs_bandwidth"),
+        ("snapkv", "overhead_percent_of_prefill", GOALS["snapkv_overhead_percent_max"], "snapkv_overhead_percent"),
+    ):
+        value = worst(method, key)
+        if value is not None:
+            goals[name] = {"worst": value, "max": limit, "met": value <= limit}
+    efficiencies = [r["decode_efficiency"] for r in at if r["method"] != "full"]
+    if efficiencies:
+        value = min(efficiencies)
+        goals["decode_efficiency"] = {"worst": value, "min": GOALS["decode_efficiency_min"],
+                                      "met": value >= GOALS["decode_efficiency_min"]}
+    peaks = [r["peak_prefill_bytes"] for r in at if r["method"] != "full" and r["peak_prefill_bytes"] is not None]
+    if peaks and full["peak_prefill_bytes"] is not None:
+        goals["peak_prefill_vs_full"] = {"worst": max(peaks) / full["peak_prefill_bytes"], "max": 1.0,
+                                         "met": max(peaks) <= full["peak_prefill_bytes"]}
+    return goals
+
+
+def run_bench(settings: BenchSettings, out: str | Path | None = None, progress: bool = True) -> dict:
+    """Measure every length (resuming lengths already in ``out/bench.json``), write JSON, table and plot."""
+    from tqdm.auto import tqdm
+
+    out = Path(out) if out is not None else None
+    previous = _load_previous(out, settings)
+    done = {r["context_tokens"] for r in previous.get("rows", [])}
+    todo = [n for n in settings.lengths if n not in done]
+    device = torch.device(settings.device)
+    model, _ = load_model(settings.model, dtype=settings.dtype, device=device,
+                          attn_implementation=settings.attn_implementation, seed=settings.seed)
+    attention_modules(model)  # a clear error for unsupported models before anything runs
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and max(settings.lengths) > context:
+        raise ValueError(f"lengths must not exceed the model's context of {context} tokens, got {max(settings.lengths)}")
+    layer_bytes = _layer_kv_bytes(model, max(settings.lengths))
+    result = {
+        "environment": environment(),
+        "settings": settings.as_dict(),
+        "copy_bandwidth_gb_s": previous.get("copy_bandwidth_gb_s") or copy_bandwidth(layer_bytes, device) / 1e9,
+        "rows": previous.get("rows", []),
+    }
+    if todo:
+        _warm_up(model, settings, device)
+        result["fixed_decode_ms_per_token"] = _fixed_decode_seconds(model, settings, device) * 1000
+    else:
+        result["fixed_decode_ms_per_token"] = previous.get("fixed_decode_ms_per_token")
+    per_length = 1 + sum(1 for r in settings.ratios if r > 0) * len(settings.methods)
+    with tqdm(total=per_length * len(todo), desc="bench", unit="config", disable=not progress) as bar:
+        for length in todo:
+            bar.set_postfix_str(f"{length} tokens")
+            rows = measure_length(model, settings, length, result["copy_bandwidth_gb_s"] * 1e9,
+                                  result["fixed_decode_ms_per_token"] / 1000, bar)
+            result["rows"] = sorted(result["rows"] + rows, key=lambda r: (r["context_tokens"], r["method"] != "full"))
+            result["goals"] = check_goals(result["rows"])
+            if out is not None:
+                write_outputs(result, out)
+    result["goals"] = check_goals(result["rows"])
+    if out is not None:
+        write_outputs(result, out)
+    return result
+
+
+def _layer_kv_bytes(model, length: int) -> int:
+    config = model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * length * heads * head_dim * next(model.parameters()).element_size()
+
+
+def _load_previous(out: Path | None, settings: BenchSettings) -> dict:
+    path = None if out is None else out / "bench.json"
+    if path is None or not path.exists():
+        return {}
+    previous = json.loads(path.read_text())
+    if not settings.same_run(previous.get("settings", {})):
+        raise ValueError(f"{path} holds a run with other settings; choose another --out or remove it")
+    return previous
+
+
+def write_outputs(result: dict, out: Path) -> None:
+    """``bench.json``, ``bench.md`` (a table per length) and ``bench.png``."""
+    from .plots import bench_table, plot_bench
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "bench.md").write_text(bench_table(result))
+    plot_bench(result, out / "bench.png")

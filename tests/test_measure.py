@@ -1,0 +1,237 @@
+"""`curdkv bench` and `curdkv analyze`: numbers against direct computations, JSON and CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import curdkv
+from curdkv.analysis import attention_errors, eviction_study, reconstruction_study
+from curdkv.analysis.common import capture_with_continuation, full_attention
+from curdkv.analysis.eviction import eviction_errors, spearman
+from curdkv.bench import BenchSettings, run_bench
+from curdkv.cli import main
+from curdkv.kernels import leverage
+from curdkv.presses.curdkv import exact_leverage
+from conftest import tiny_model
+
+
+def random_states(b=1, h=4, h_kv=2, n=40, m=6, d=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, m, d, generator=gen)
+    k = torch.randn(b, h_kv, n + m, d, generator=gen)
+    v = torch.randn(b, h_kv, n + m, d, generator=gen)
+    return q, k, v
+
+
+def direct_errors(q, k, v, keep, scaling):
+    """One query head and one query at a time, nothing vectorised."""
+    b, h, m, _ = q.shape
+    n = keep.shape[-1]
+    group = h // k.shape[1]
+    logit_err, out_err = torch.zeros(b, h), torch.zeros(b, h)
+    for bi in range(b):
+        for hi in range(h):
+            kh, vh, kept = k[bi, hi // group], v[bi, hi // group], keep[bi, hi // group]
+            dl2 = l2 = do2 = o2 = 0.0
+            for i in range(m):
+                visible = n + i + 1
+                logits = (kh[:visible] @ q[bi, hi, i]) * scaling
+                l2 += float(logits[:n].square().sum())
+                dl2 += float(logits[:n][~kept].square().sum())
+                out = logits.softmax(0) @ vh[:visible]
+                allowed = torch.cat([kept, torch.ones(visible - n, dtype=torch.bool)])
+                out_c = logits[allowed].softmax(0) @ vh[:visible][allowed]
+                o2 += float(out.square().sum())
+                do2 += float((out - out_c).square().sum())
+            logit_err[bi, hi], out_err[bi, hi] = (dl2 / l2) ** 0.5, (do2 / o2) ** 0.5
+    return logit_err, out_err
+
+
+def test_attention_errors_match_direct_computation():
+    q, k, v = random_states()
+    keep = torch.rand(1, 2, 40, generator=torch.Generator().manual_seed(1)) < 0.5
+    logit_err, out_err = attention_errors(q, k, v, keep, 0.3)
+    ref_logit, ref_out = direct_errors(q, k, v, keep, 0.3)
+    torch.testing.assert_close(logit_err, ref_logit, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out_err, ref_out, rtol=1e-4, atol=1e-6)
+    assert bool((out_err > 0).all())
+
+
+def test_nothing_evicted_means_no_error():
+    q, k, v = random_states()
+    logit_err, out_err = attention_errors(q, k, v, torch.ones(1, 2, 40, dtype=torch.bool), 0.3)
+    assert float(logit_err.abs().max()) == 0.0
+    assert float(out_err.abs().max()) < 1e-6
+
+
+def test_full_attention_is_what_the_model_computes():
+    """The recorded continuation queries attend exactly as the model's own attention did."""
+    model = tiny_model("tiny-llama")
+    ids = torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(0))
+    layer, m = 1, 8
+    seen = {}
+    o_proj = model.model.layers[layer].self_attn.o_proj
+    handle = o_proj.register_forward_pre_hook(lambda mod, args: seen.setdefault("x", args[0]))
+    try:
+        capture = capture_with_continuation(model, ids, m, 0)
+    finally:
+        handle.remove()
+    attn = model.model.layers[layer].self_attn
+    _, _, out = full_attention(capture.queries[layer][:, :, -m:], capture.keys[layer], capture.values[layer],
+                               attn.scaling, 48 - m)
+    expected = seen["x"][:, -m:].unflatten(-1, (4, 16)).transpose(1, 2)  # [B, H, M, D]
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_single_eviction_error_closed_form_matches_recompute():
+    q, k, v = random_states(n=30, m=5)
+    attention, error = eviction_errors(q, k, v, 30, 0.5)
+    for head in (0, 3):
+        for j in (0, 7, 29):
+            keep = torch.ones(1, 2, 30, dtype=torch.bool)
+            keep[0, head // 2, j] = False
+            _, out_err = attention_errors(q, k, v, keep, 0.5)
+            assert error[0, head, j].item() == pytest.approx(out_err[0, head].item(), rel=1e-4)
+    _, probs, _ = full_attention(q, k, v, 0.5, 30)
+    torch.testing.assert_close(attention, probs[..., :30].mean(2))
+
+
+def test_spearman():
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert spearman(x, x * 10) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+
+
+def test_reconstruction_study_rows_and_averages():
+    model = tiny_model("tiny-llama")
+    ids = torch.randint(0, 256, (1, 160), generator=torch.Generator().manual_seed(0))
+    result = reconstruction_study(model, ids, 16, ["curdkv", "knorm"], [0.0, 0.5])
+    rows = result["rows"]
+    assert len(rows) == 2 * 2 * 2 * 4  # presses x ratios x layers x query heads
+    for r in rows:
+        if r["compression_ratio"] == 0.0:
+            assert r["logit_error"] == 0.0 and r["output_error"] < 1e-6
+        else:
+            assert 0 < r["logit_error"] < 1 and r["output_error"] > 0
+    for s in result["summary"]:
+        group = [r for r in rows if r["press"] == s["press"] and r["compression_ratio"] == s["compression_ratio"]]
+        assert s["output_error"] == pytest.approx(sum(r["output_error"] for r in group) / len(group))
+    with pytest.raises(ValueError, match="window"):
+        reconstruction_study(model, ids[:, :70], 16, ["snapkv"], [0.5])
+
+
+def test_eviction_study_checks_layer_and_head():
+    model = tiny_model("tiny-llama")
+    ids = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(0))
+    result = eviction_study(model, ids, 8, 1, 3)
+    assert len(result["mean_attention"]) == len(result["eviction_error"]) == 56
+    assert -1 <= result["spearman"] <= 1
+    with pytest.raises(ValueError, match=r"layer must be in \[0, 1\]"):
+        eviction_study(model, ids, 8, 2, 0)
+    with pytest.raises(ValueError, match=r"head must be a query head in \[0, 3\]"):
+        eviction_study(model, ids, 8, 0, 4)
+
+
+def test_analyze_cli_on_smollm2(smollm2, tmp_path):
+    assert main(["analyze", "eviction", "--context-tokens", "256", "--future-tokens", "16",
+                 "--dtype", "float32", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "eviction.json").read_text())
+    assert len(result["mean_attention"]) == 256 and result["layer"] == 15
+    assert (tmp_path / "eviction.png").stat().st_size > 0
+    assert main(["analyze", "reconstruction", "--presses", "curdkv,snapkv", "--ratios", "0.5",
+                 "--context-tokens", "256", "--future-tokens", "16", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "reconstruction.md").read_text()
+    assert "| curdkv" in table and "| snapkv" in table
+
+
+# ------------------------------------------------------------------ leverage fast path
+
+def structured_states(n=600, d=32, dtype=torch.bfloat16, seed=0):
+    """Keys-like states: a few outlier channels, a near-low-rank bulk."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 2, n, 4, generator=gen) @ torch.randn(4, d, generator=gen)
+    x = x + 0.05 * torch.randn(1, 2, n, d, generator=gen)
+    x[..., :2] *= 30
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_split_precision_leverage_matches_float64(dtype):
+    x = structured_states(dtype=dtype)
+    ref = exact_leverage(x)
+    hi, lo = leverage.split_terms(leverage.whitening(leverage.gram_torch(x)), dtype)
+    fast = leverage.whitened_norms_torch(x, hi, lo)
+    torch.testing.assert_close(fast, ref, rtol=2e-3, atol=1e-6)
+    # One half-precision term is not enough: that is why W is split.
+    one = leverage.whitened_norms_torch(x, hi, torch.zeros_like(lo))
+    assert float(((one - ref).abs() / ref).max()) > 10 * float(((fast - ref).abs() / ref).max())
+
+
+def test_half_precision_leverage_refuses_float32():
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        leverage.half_precision_leverage(torch.randn(1, 1, 8, 4))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and leverage.triton is not None),
+                    reason="the Triton leverage kernels run on CUDA; run on the GPU machine")
+@pytest.mark.parametrize("n", [64, 1000, 70000])
+@pytest.mark.parametrize("d", [64, 128])
+def test_triton_leverage_kernels_match_torch(n, d):
+    x = structured_states(n=n, d=d).cuda()
+    torch.testing.assert_close(leverage.gram(x), leverage.gram_torch(x), rtol=1e-4, atol=1e-2)
+    hi, lo = leverage.split_terms(leverage.whitening(leverage.gram_torch(x)), x.dtype)
+    torch.testing.assert_close(leverage.whitened_norms(x, hi, lo), leverage.whitened_norms_torch(x, hi, lo),
+                               rtol=1e-4, atol=1e-6)
+    ref = exact_leverage(x)
+    torch.testing.assert_close(leverage.half_precision_leverage(x), ref, rtol=5e-3, atol=1e-6)
+
+
+# ------------------------------------------------------------------ bench
+
+def test_bench_cpu_json_and_resume(tmp_path):
+    settings = BenchSettings(model="random:tiny-llama", lengths=(768,), ratios=(0.0, 0.5), methods=("curdkv", "snapkv"),
+                             decode_tokens=2, repeats=1, decode_repeats=1, device="cpu", dtype="float32")
+    result = run_bench(settings, tmp_path, progress=False)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["settings"]["model"] == "random:tiny-llama" and saved["environment"]["torch"] == torch.__version__
+    rows = {(r["method"], r["compression_ratio"]): r for r in saved["rows"]}
+    assert set(rows) == {("full", 0.0), ("curdkv", 0.5), ("snapkv", 0.5)}
+    full = rows["full", 0.0]
+    assert full["kv_bytes"] == 2 * 2 * 2 * 768 * 16 * 4  # K and V x layers x KV heads x tokens x dim x fp32
+    assert rows["curdkv", 0.5]["kv_bytes"] == full["kv_bytes"] // 2
+    for r in saved["rows"]:
+        assert r["prefill_s"] > 0 and r["decode_ms_per_token"] > 0
+        assert (r["overhead_ms_per_layer"] > 0) == (r["method"] != "full")
+    assert "curdkv_overhead_percent" in result["goals"]
+    assert (tmp_path / "bench.png").stat().st_size > 0 and "### 768 tokens" in (tmp_path / "bench.md").read_text()
+    # A second run adds a length and keeps the first one's measurements.
+    more = BenchSettings(**{**settings.as_dict(), "lengths": (768, 1024)})
+    result = run_bench(more, tmp_path, progress=False)
+    assert sorted({r["context_tokens"] for r in result["rows"]}) == [768, 1024]
+    assert [r for r in result["rows"] if r["context_tokens"] == 768] == saved["rows"]
+    other = BenchSettings(**{**settings.as_dict(), "decode_tokens": 3})
+    with pytest.raises(ValueError, match="other settings"):
+        run_bench(other, tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("lengths", (10,), "lengths must be integers >= 64"),
+    ("ratios", (1.0,), r"ratios must be numbers in \[0, 1\)"),
+    ("methods", ("nope",), "nope"),
+    ("decode_tokens", 0, "decode_tokens must be an integer >= 1"),
+])
+def test_bench_settings_reject_bad_input(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        BenchSettings(**{field: value})
+
+
+def test_bench_cli_errors(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--ratios", "1.5", "--out", "x"])
+    assert "--ratios" in capsys.readouterr().err
+    assert main(["bench", "--model", "random:tiny-llama", "--device", "cpu", "--lengths", "8192",
+                 "--out", "/nonexistent/never"]) == 2
+    assert "context of 4096" in capsys.readouterr().err
