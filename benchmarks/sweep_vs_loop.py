@@ -32,7 +32,7 @@ from curdkv.eval.ruler import score_sample
 from curdkv.eval.sample import read_samples
 from curdkv.eval.sweep import FULL, Sweep, read_predictions, sweep_configs
 
-PRESSES = "curdkv,curdkv-exact,adacurdkv,snapkv,adasnapkv,chunkkv,knorm,streamingllm"
+PRESSES = "curdkv,curdkv-sketch,adacurdkv,snapkv,adasnapkv,chunkkv,knorm,streamingllm"
 
 
 def pick(samples, count: int):

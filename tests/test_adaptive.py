@@ -15,7 +15,7 @@ from curdkv.selection import select_adaptive, select_uniform
 from conftest import DTYPES
 
 VOCAB = 256
-ADAPTIVE = ("adacurdkv", "adasnapkv", "adacurdkv-exact")
+ADAPTIVE = ("adacurdkv", "adasnapkv", "adacurdkv-sketch")
 
 
 def random_ids(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:

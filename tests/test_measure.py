@@ -167,12 +167,14 @@ def test_split_precision_leverage_matches_float64(dtype):
     torch.testing.assert_close(fast, ref, rtol=2e-3, atol=1e-6)
     # One half-precision term is not enough: that is why W is split.
     one = leverage.whitened_norms_torch(x, hi, torch.zeros_like(lo))
-    assert float(((one - ref).abs() / ref).max()) > 10 * float(((fast - ref).abs() / ref).max())
+    assert float(((one - ref).abs() / ref).max()) > 5 * float(((fast - ref).abs() / ref).max())
 
 
 def test_half_precision_leverage_refuses_float32():
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         leverage.half_precision_leverage(torch.randn(1, 1, 8, 4))
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        leverage.half_precision_leverage(torch.randn(1, 1, 8, 4).bfloat16(), torch.randn(1, 1, 8, 4))
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and leverage.triton is not None),
@@ -186,7 +188,10 @@ def test_triton_leverage_kernels_match_torch(n, d):
     torch.testing.assert_close(leverage.whitened_norms(x, hi, lo), leverage.whitened_norms_torch(x, hi, lo),
                                rtol=1e-4, atol=1e-6)
     ref = exact_leverage(x)
-    torch.testing.assert_close(leverage.half_precision_leverage(x), ref, rtol=5e-3, atol=1e-6)
+    y = structured_states(n=n, d=d, seed=1).cuda()
+    lk, lv = leverage.half_precision_leverage(x, y)
+    torch.testing.assert_close(lk, ref, rtol=5e-3, atol=1e-6)
+    torch.testing.assert_close(lv, exact_leverage(y), rtol=5e-3, atol=1e-6)
 
 
 # ------------------------------------------------------------------ bench

@@ -139,7 +139,8 @@ def test_curdkv_projection_is_seeded_gaussian_sketch(n, d, r, seed):
 def test_curdkv_scores_match_algorithm_1(leverage, projection_dim, local_window, n, d):
     keys, values = make_states(n, d, seed=n + d)
     press = CurDKVPress(
-        compression_ratio=0.5, projection_dim=projection_dim, leverage=leverage, local_window=local_window, seed=3
+        compression_ratio=0.5, estimator="projection", projection_dim=projection_dim, leverage=leverage,
+        local_window=local_window, seed=3,
     )
     got = press.score(view_of(keys, values))
     assert got.dtype == torch.float32
@@ -158,7 +159,7 @@ def test_curdkv_scores_match_algorithm_1(leverage, projection_dim, local_window,
 def test_curdkv_compress_keeps_sinks_and_top_scores(leverage, ratio, num_sinks):
     n, d = 120, 16
     keys, values = make_states(n, d, seed=11)
-    press = CurDKVPress(compression_ratio=ratio, leverage=leverage, num_sinks=num_sinks, seed=5)
+    press = CurDKVPress(compression_ratio=ratio, estimator="projection", leverage=leverage, num_sinks=num_sinks, seed=5)
     kept_k, kept_v, evicted = compress_states(press, keys, values, None, None, 0)
     n_keep = kept_count(n, ratio)
     assert evicted == n - n_keep
@@ -176,13 +177,13 @@ def test_curdkv_compress_keeps_sinks_and_top_scores(leverage, ratio, num_sinks):
 def test_curdkv_seed_repeats_and_differs(leverage):
     keys, values = make_states(80, 16, seed=1)
     v = view_of(keys, values)
-    a = CurDKVPress(leverage=leverage, seed=42).score(v)
-    b = CurDKVPress(leverage=leverage, seed=42).score(v)
-    c = CurDKVPress(leverage=leverage, seed=43).score(v)
+    a = CurDKVPress(estimator="projection", leverage=leverage, seed=42).score(v)
+    b = CurDKVPress(estimator="projection", leverage=leverage, seed=42).score(v)
+    c = CurDKVPress(estimator="projection", leverage=leverage, seed=43).score(v)
     assert torch.equal(a, b)
     assert not torch.allclose(a, c, rtol=1e-3, atol=0)
     # The sketch is cached per press: calling again gives the very same scores.
-    press = CurDKVPress(leverage=leverage, seed=42)
+    press = CurDKVPress(estimator="projection", leverage=leverage, seed=42)
     assert torch.equal(press.score(v), press.score(v))
     assert torch.equal(press.score(v), a)
 
@@ -569,6 +570,10 @@ def test_gather_tokens_equals_advanced_indexing():
         for h in range(H_KV):
             for i in range(k):
                 assert torch.equal(got[b, h, i], keys[b, h, indices[b, h, i]])
+    # A non-contiguous cache (e.g. a transposed view) takes the element-wise path, same result.
+    strided = keys.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not strided.is_contiguous()
+    assert torch.equal(gather_tokens(strided, indices), got)
 
 
 def test_exact_leverage_stays_finite_on_near_collinear_heads():

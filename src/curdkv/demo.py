@@ -18,7 +18,7 @@ from .models import load_model
 from .presses import get_press
 from .report import markdown_table
 
-DEFAULT_PRESSES = ("full", "curdkv", "curdkv-exact", "snapkv", "knorm", "streamingllm")
+DEFAULT_PRESSES = ("full", "curdkv", "curdkv-sketch", "snapkv", "knorm", "streamingllm")
 
 
 @dataclass

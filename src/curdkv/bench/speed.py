@@ -281,7 +281,7 @@ def run_bench(settings: BenchSettings, out: str | Path | None = None, progress: 
     layer_bytes = _layer_kv_bytes(model, max(settings.lengths))
     result = {
         "environment": environment(),
-        "settings": settings.as_dict(),
+        "settings": {**settings.as_dict(), "lengths": sorted(done | set(settings.lengths))},
         "copy_bandwidth_gb_s": previous.get("copy_bandwidth_gb_s") or copy_bandwidth(layer_bytes, device) / 1e9,
         "rows": previous.get("rows", []),
     }

@@ -15,14 +15,14 @@ from .streaming_llm import StreamingLLMPress
 
 PRESSES: dict[str, Callable[..., Press]] = {
     "curdkv": CurDKVPress,
-    "curdkv-exact": lambda **kw: CurDKVPress(estimator="exact", **kw),
+    "curdkv-sketch": lambda **kw: CurDKVPress(estimator="projection", **kw),
     "snapkv": SnapKVPress,
     "chunkkv": ChunkKVPress,
     "knorm": KNormPress,
     "streamingllm": StreamingLLMPress,
     "random": RandomPress,
     "adacurdkv": AdaCurDKV,
-    "adacurdkv-exact": lambda **kw: AdaCurDKV(estimator="exact", **kw),
+    "adacurdkv-sketch": lambda **kw: AdaCurDKV(estimator="projection", **kw),
     "adasnapkv": AdaSnapKV,
 }
 

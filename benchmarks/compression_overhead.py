@@ -1,0 +1,90 @@
+"""Compression overhead of one layer, stage by stage, against the memory-bandwidth limit.
+
+Keys/values shaped like one Llama-3.1-8B layer (8 KV heads, head dim 128,
+32 query heads, bf16) at ``--tokens`` context tokens, with a few outlier
+channels and low-rank structure like real keys. No model is loaded, so it
+runs in seconds; ``curdkv bench`` measures the same thing inside a model.
+
+    python benchmarks/compression_overhead.py --out results/compression_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import types
+
+import torch
+
+import curdkv
+from curdkv.bench.timing import copy_bandwidth, median_seconds
+from curdkv.environment import environment
+from curdkv.kernels import leverage
+from curdkv.presses.base import ScoringView
+from curdkv.runtime import compress_layer
+from curdkv.selection import gather_tokens, kept_count, select_uniform
+
+
+def states(b, h_kv, n, d, dtype, device, seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(b, h_kv, n, 16, generator=gen, device=device) @ torch.randn(16, d, generator=gen, device=device)
+    x = x + 0.1 * torch.randn(b, h_kv, n, d, generator=gen, device=device)
+    x[..., :4] *= 20
+    return x.to(dtype)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=131072)
+    parser.add_argument("--ratios", default="0.5,0.9")
+    parser.add_argument("--methods", default="curdkv,curdkv-sketch,adacurdkv,snapkv,knorm")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    b, h_kv, h, d, n = 1, 8, 32, 128, args.tokens
+    keys, values = states(b, h_kv, n, d, torch.bfloat16, device), states(b, h_kv, n, d, torch.bfloat16, device, 1)
+    queries = states(b, h, 64, d, torch.bfloat16, device, 2)
+    module = types.SimpleNamespace(scaling=d**-0.5, layer_idx=0)
+    layer_bytes = 2 * keys.numel() * keys.element_size()
+    bandwidth = copy_bandwidth(layer_bytes, device)
+    limit_ms = layer_bytes / bandwidth * 1000
+
+    def ms(fn):
+        return median_seconds(fn, device, args.repeats, warmup=2) * 1000
+
+    stages = {}
+    gram = leverage.gram(keys)
+    w = leverage.whitening(gram)
+    hi, lo = leverage.split_terms(w, keys.dtype)
+    stages["gram (K)"] = ms(lambda: leverage.gram(keys))
+    stages["whitening (D x D, float64)"] = ms(lambda: leverage.whitening(gram))
+    stages["whitened norms (K)"] = ms(lambda: leverage.whitened_norms(keys, hi, lo))
+    view = ScoringView(keys=keys, values=values, queries=queries, module=module, layer_idx=0)
+    press = curdkv.get_press("curdkv", 0.5)
+    stages["curdkv score (K and V)"] = ms(lambda: press.score(view))
+    scores = press.score(view)
+    n_keep = kept_count(n, 0.5)
+    stages["select_uniform 50%"] = ms(lambda: select_uniform(scores, n_keep, 4, 0))
+    idx = select_uniform(scores, n_keep, 4, 0)
+    stages["gather K and V 50%"] = ms(lambda: (gather_tokens(keys, idx), gather_tokens(values, idx)))
+    rows = []
+    for method in args.methods.split(","):
+        for ratio in (float(r) for r in args.ratios.split(",")):
+            p = curdkv.get_press(method, ratio)
+            q = queries[:, :, -p.query_window:] if p.query_window else None
+            t = ms(lambda: compress_layer(p, keys, values, q, module, 0))
+            rows.append(dict(method=method, compression_ratio=ratio, overhead_ms=t, vs_bandwidth_limit=t / limit_ms))
+            print(f"{method:14s} {ratio:.0%}: {t:7.3f} ms  ({t / limit_ms:5.2f}x the limit)", flush=True)
+    for name, t in stages.items():
+        print(f"  stage {name:28s} {t:7.3f} ms", flush=True)
+    print(f"limit (K and V read once at {bandwidth / 1e9:.0f} GB/s): {limit_ms:.3f} ms")
+    result = dict(environment=environment(), settings=vars(args), shape=dict(batch=b, kv_heads=h_kv, heads=h, head_dim=d, tokens=n),
+                  copy_bandwidth_gb_s=bandwidth / 1e9, bandwidth_limit_ms=limit_ms, stages_ms=stages, rows=rows)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
