@@ -570,7 +570,7 @@ def test_gather_tokens_equals_advanced_indexing():
         for h in range(H_KV):
             for i in range(k):
                 assert torch.equal(got[b, h, i], keys[b, h, indices[b, h, i]])
-    # A non-contiguous cache (e.g. a transposed view) takes the element-wise path, same result.
+    # A non-contiguous cache (e.g. a transposed view) gives the same result.
     strided = keys.transpose(0, 1).contiguous().transpose(0, 1)
     assert not strided.is_contiguous()
     assert torch.equal(gather_tokens(strided, indices), got)
