@@ -13,49 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
 import curdkv
-from curdkv.attention import using_curdkv_attention
+from curdkv.bench.timing import decode_seconds_per_token as decode, timer
 from curdkv.environment import environment
 from curdkv.report import markdown_table
-
-
-def timer(device: torch.device):
-    """Seconds of GPU work (CUDA events) or wall time on CPU."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-
-        def stop() -> float:
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1000
-    else:
-        t0 = time.perf_counter()
-
-        def stop() -> float:
-            return time.perf_counter() - t0
-
-    return stop
-
-
-@torch.no_grad()
-def decode(model, cache, first_token: torch.Tensor, position: int, steps: int) -> float:
-    """Seconds per token for ``steps`` greedy decode steps; the cache is restored afterwards."""
-    snapshot = cache.snapshot()
-    token = first_token
-    stop = timer(first_token.device)
-    with using_curdkv_attention(model):
-        for step in range(steps):
-            pos = torch.tensor([[position + step]], device=token.device)
-            logits = model(input_ids=token, past_key_values=cache, position_ids=pos, use_cache=True).logits
-            token = logits[:, -1:].argmax(-1)
-    seconds = stop()
-    cache.restore(snapshot)
-    return seconds / steps
 
 
 def configurations(ratios):

@@ -9,7 +9,7 @@ import torch
 
 import curdkv
 from curdkv.analysis import attention_errors, eviction_study, reconstruction_study
-from curdkv.analysis.common import capture_with_continuation, full_attention
+from curdkv.analysis.common import full_attention
 from curdkv.analysis.eviction import eviction_errors, spearman
 from curdkv.bench import BenchSettings, run_bench
 from curdkv.cli import main
@@ -76,7 +76,7 @@ def test_full_attention_is_what_the_model_computes():
     o_proj = model.model.layers[layer].self_attn.o_proj
     handle = o_proj.register_forward_pre_hook(lambda mod, args: seen.setdefault("x", args[0]))
     try:
-        capture = capture_with_continuation(model, ids, m, 0)
+        capture = curdkv.capture_prefill(model, ids, query_window=m)
     finally:
         handle.remove()
     attn = model.model.layers[layer].self_attn

@@ -1,12 +1,10 @@
-"""What both analyses share: a text prefix, its continuation, and one prefill with their queries."""
+"""What both analyses share: a text prefix and its continuation, and causal attention in float32."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-
-from ..runtime import PrefillCapture, capture_prefill
 
 
 def analysis_tokens(tokenizer, text_path: str | None, context_tokens: int, future_tokens: int) -> torch.Tensor:
@@ -49,8 +47,3 @@ def full_attention(queries, keys, values, scaling: float, prefix: int):
     logits = logits.masked_fill(torch.arange(n, device=queries.device)[None, :] > future, float("-inf"))
     probs = logits.softmax(-1)
     return logits, probs, probs @ v
-
-
-def capture_with_continuation(model, ids: torch.Tensor, future_tokens: int, window: int) -> PrefillCapture:
-    """One prefill of prefix + continuation, keeping the last ``future_tokens + window`` queries per layer."""
-    return capture_prefill(model, ids, query_window=future_tokens + window)

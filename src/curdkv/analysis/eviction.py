@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import capture_with_continuation, expand_kv, full_attention
+from ..runtime import capture_prefill
+from .common import expand_kv, full_attention
 
 
 def eviction_errors(queries, keys, values, prefix: int, scaling: float):
@@ -48,7 +49,7 @@ def eviction_study(model, ids: torch.Tensor, future_tokens: int, layer: int, hea
     if not 0 <= head < num_heads:
         raise ValueError(f"head must be a query head in [0, {num_heads - 1}], got {head}")
     prefix = ids.shape[1] - future_tokens
-    capture = capture_with_continuation(model, ids, future_tokens, 0)
+    capture = capture_prefill(model, ids, query_window=future_tokens)
     k, v, q = capture.keys[layer], capture.values[layer], capture.queries[layer]
     attention, error = eviction_errors(q[:, :, -future_tokens:], k, v, prefix, capture.modules[layer].scaling)
     attention, error = attention[0, head], error[0, head]

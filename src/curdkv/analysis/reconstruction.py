@@ -20,8 +20,8 @@ from collections import defaultdict
 import torch
 
 from ..presses import get_press
-from ..runtime import kept_mask
-from .common import capture_with_continuation, expand_kv, full_attention
+from ..runtime import capture_prefill, kept_mask
+from .common import expand_kv, full_attention
 
 
 def attention_errors(queries, keys, values, keep, scaling: float):
@@ -57,7 +57,7 @@ def reconstruction_study(model, ids: torch.Tensor, future_tokens: int, presses: 
     prefix = ids.shape[1] - future_tokens
     if prefix <= window:
         raise ValueError(f"the prefix has {prefix} tokens; it must be longer than the presses' window of {window}")
-    capture = capture_with_continuation(model, ids, future_tokens, window)
+    capture = capture_prefill(model, ids, query_window=future_tokens + window)  # window, then continuation
     rows = []
     for layer in range(capture.num_layers):
         k, v, q = capture.keys[layer], capture.values[layer], capture.queries[layer]

@@ -133,16 +133,20 @@ def _tokens(vocab: int, length: int, seed: int, device) -> torch.Tensor:
     return torch.randint(0, vocab, (1, length), generator=gen).to(device)
 
 
+def _decode_seconds(model, cache, first: torch.Tensor, position: int, settings: BenchSettings) -> float:
+    """Median seconds per decode step over ``decode_repeats`` runs, after 3 untimed steps."""
+    decode_seconds_per_token(model, cache, first, position, 3)
+    return statistics.median(
+        decode_seconds_per_token(model, cache, first, position, settings.decode_tokens)
+        for _ in range(settings.decode_repeats)
+    )
+
+
 def _fixed_decode_seconds(model, settings: BenchSettings, device) -> float:
     """Seconds per decode step with a near-empty cache: what does not shrink with the cache."""
     ids = _tokens(model.config.vocab_size, FIXED_CONTEXT, settings.seed, device)
     cache = capture_prefill(model, ids).build_cache(None)
-    first = ids[:, -1:]
-    decode_seconds_per_token(model, cache, first, FIXED_CONTEXT, 3)
-    return statistics.median(
-        decode_seconds_per_token(model, cache, first, FIXED_CONTEXT, settings.decode_tokens)
-        for _ in range(settings.decode_repeats)
-    )
+    return _decode_seconds(model, cache, ids[:, -1:], FIXED_CONTEXT, settings)
 
 
 def _warm_up(model, settings: BenchSettings, device) -> None:
@@ -193,11 +197,7 @@ def measure_length(model, settings: BenchSettings, length: int, bandwidth: float
         if not built:
             build()
         cache = built[0]
-        decode_seconds_per_token(model, cache, first, length, 3)
-        per_token = statistics.median(
-            decode_seconds_per_token(model, cache, first, length, settings.decode_tokens)
-            for _ in range(settings.decode_repeats)
-        )
+        per_token = _decode_seconds(model, cache, first, length, settings)
         row = rows[method, ratio]
         row.update(
             kv_bytes=cache.nbytes(), decode_ms_per_token=per_token * 1000,
@@ -239,9 +239,9 @@ def check_goals(rows: list[dict]) -> dict:
     full = next(r for r in at if r["method"] == "full")
     goals = {"context_tokens": longest}
 
-    def worst(method: str, key: str, fn=max):
+    def worst(method: str, key: str):
         values = [r[key] for r in at if r["method"] == method and r[key] is not None]
-        return fn(values) if values else None
+        return max(values) if values else None
 
     for method, key, limit, name in (
         ("curdkv", "overhead_percent_of_prefill", GOALS["curdkv_overhead_percent_max"], "curdkv_overhead_percent"),
@@ -298,11 +298,12 @@ def run_bench(settings: BenchSettings, out: str | Path | None = None, progress: 
                                   result["fixed_decode_ms_per_token"] / 1000, bar)
             result["rows"] = sorted(result["rows"] + rows, key=lambda r: (r["context_tokens"], r["method"] != "full"))
             result["goals"] = check_goals(result["rows"])
-            if out is not None:
+            if out is not None:  # after every length, so a run stopped part-way keeps what it measured
                 write_outputs(result, out)
-    result["goals"] = check_goals(result["rows"])
-    if out is not None:
-        write_outputs(result, out)
+    if not todo:
+        result["goals"] = check_goals(result["rows"])
+        if out is not None:
+            write_outputs(result, out)
     return result
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.leverage import whitening
 from .base import Press, ScoringView, check_choice, check_int
 
 LEVERAGES = ("kv_product", "key", "value", "kv_avg")
@@ -27,35 +28,22 @@ def projected_leverage(states: torch.Tensor, projection: torch.Tensor | None) ->
 def exact_leverage(states: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
     """Leverage scores of each head's ``[N, D]`` matrix: squared row norms of U in X = U S Vt.
 
-    Computed as ``x_j (XᵀX)⁻¹ x_jᵀ`` through a Cholesky factor of the D x D
-    Gram matrix, so the cost is O(N D²) rather than an N x D SVD. Leverage is
-    unchanged by rescaling columns, so columns are first scaled to unit norm
-    (keys and values have channels of very different magnitude, which would
-    otherwise make the Gram matrix ill-conditioned); a ridge of ``ridge`` on
-    that unit diagonal keeps rank-deficient heads finite (their null directions
-    then carry ~0 leverage, as in the SVD with zero singular values dropped).
+    Computed as ``‖x_j W‖²`` with ``W Wᵀ = (XᵀX)⁻¹`` from a Cholesky factor of
+    the D x D Gram matrix (:func:`curdkv.kernels.leverage.whitening`), so the
+    cost is O(N D²) rather than an N x D SVD. Leverage is unchanged by
+    rescaling columns, so columns are scaled to unit norm first (keys and
+    values have channels of very different magnitude, which would otherwise
+    make the Gram matrix ill-conditioned); a ridge of ``ridge`` on that unit
+    diagonal keeps rank-deficient heads finite (their null directions then
+    carry ~0 leverage, as in the SVD with zero singular values dropped).
 
-    The solve runs in float64: with a condition number near 1/ridge, float32
+    Everything runs in float64: with a condition number near 1/ridge, float32
     Cholesky factors of real heads (Qwen2.5's first layer) came out with NaN
-    on CUDA without reporting failure. At O(N D²) float64 costs little.
+    on CUDA without reporting failure. The half-precision route of the same
+    whitening on CUDA is :func:`exact_leverages`.
     """
     x = states.double()
-    x = x / x.norm(dim=-2, keepdim=True).clamp_min(1e-300)
-    gram = x.transpose(-1, -2) @ x  # [B, H, D, D], unit diagonal
-    d = gram.shape[-1]
-    gram = gram + ridge * torch.eye(d, device=x.device, dtype=x.dtype)
-    chol, info = torch.linalg.cholesky_ex(gram)
-    leverage = None
-    if not bool((info != 0).any()):
-        # Solve L Z = Xᵀ, then leverage_j = ||Z[:, j]||².
-        z = torch.linalg.solve_triangular(chol, x.transpose(-1, -2), upper=False)
-        leverage = z.square().sum(-2)
-    if leverage is None or not bool(torch.isfinite(leverage).all()):
-        # Numerically indefinite after the ridge: an eigen-solve, which cannot fail this way.
-        evals, evecs = torch.linalg.eigh(gram)
-        inv_sqrt = evecs * evals.clamp_min(ridge).rsqrt().unsqueeze(-2)
-        leverage = (x @ inv_sqrt).square().sum(-1)
-    return leverage.float()
+    return (x @ whitening(x.transpose(-1, -2) @ x, ridge)).square().sum(-1).float()
 
 
 def exact_leverages(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,8 +56,7 @@ def exact_leverages(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Ten
     from ..kernels.leverage import fast_path_available, half_precision_leverage
 
     if fast_path_available(keys) and fast_path_available(values) and keys.dtype == values.dtype:
-        lk, lv = half_precision_leverage(keys, values)
-        return lk, lv
+        return tuple(half_precision_leverage(keys, values))
     return exact_leverage(keys), exact_leverage(values)
 
 
