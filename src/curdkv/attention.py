@@ -32,13 +32,26 @@ ATTENTION_NAME = "curdkv"
 
 
 class QueryRecorder:
-    """Keeps the last ``window`` prefill queries of each layer, ``[B, H, W, D]``."""
+    """Keeps the last ``window`` queries of each layer, ``[B, H, W, D]``.
 
-    def __init__(self, window: int):
+    By default only a first prefill is recorded (the observation window).
+    ``rolling=True`` records every call, appending decoded tokens' queries and
+    keeping the last ``window``: the window of compression during decoding,
+    and Lookahead Q-Cache's pseudo queries.
+    """
+
+    def __init__(self, window: int, rolling: bool = False):
         self.window = window
+        self.rolling = rolling
         self.queries: dict[int, torch.Tensor] = {}
 
+    def wants(self, q_len: int, kv_len: int) -> bool:
+        return self.window > 0 and (self.rolling or q_len == kv_len)
+
     def record(self, layer_idx: int, query: torch.Tensor) -> None:
+        previous = self.queries.get(layer_idx) if self.rolling else None
+        if previous is not None and previous.shape[:2] == query.shape[:2]:
+            query = torch.cat([previous, query], dim=2)
         # A copy, not a view: a view would keep the whole prefill's queries alive.
         self.queries[layer_idx] = query[:, :, -self.window :].detach().clone()
 
@@ -46,21 +59,29 @@ class QueryRecorder:
         return self.queries.pop(layer_idx, None)
 
 
-# Attention modules (by id) whose prefill queries are being recorded.
+# Attention modules (by id) whose queries are being recorded.
 _recorders: dict[int, QueryRecorder] = {}
 
 
 @contextlib.contextmanager
 def recording_queries(modules, recorder: QueryRecorder):
-    """Record prefill queries of ``modules`` into ``recorder`` inside the block."""
+    """Record queries of ``modules`` into ``recorder`` inside the block.
+
+    Blocks nest: an inner recorder (pseudo queries decoded while a prefill's
+    compression runs) replaces the outer one until it exits.
+    """
     keys = [id(m) for m in modules]
+    previous = {k: _recorders[k] for k in keys if k in _recorders}
     for k in keys:
         _recorders[k] = recorder
     try:
         yield recorder
     finally:
         for k in keys:
-            _recorders.pop(k, None)
+            if k in previous:
+                _recorders[k] = previous[k]
+            else:
+                _recorders.pop(k, None)
 
 
 def bottom_right_causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
@@ -72,6 +93,12 @@ def bottom_right_causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
 
 def curdkv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention function with transformers' signature: query ``[B, H, q, D]``, key/value ``[B, H_kv, kv, D]``."""
+    recorder = _recorders.get(id(module))
+    if recorder is not None:
+        # Ragged and masked layers are compressed already: they never see a first prefill.
+        kv_len = key.shape[2] if isinstance(key, torch.Tensor) else -1
+        if recorder.wants(query.shape[2], kv_len):
+            recorder.record(module.layer_idx, query)
     if isinstance(key, RaggedKV):
         return ragged_attention(query, key, scaling), None
     if isinstance(key, MaskedKV):
@@ -79,9 +106,6 @@ def curdkv_attention(module, query, key, value, attention_mask, scaling=None, dr
         sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
         return sdpa(module, query, key.keys, key.values, mask, dropout=dropout, scaling=scaling, **kwargs)
     q_len, kv_len = query.shape[2], key.shape[2]
-    recorder = _recorders.get(id(module))
-    if recorder is not None and recorder.window > 0 and q_len == kv_len:
-        recorder.record(module.layer_idx, query)
     if attention_mask is not None:
         # Only reachable when a caller passes a ready 4D mask; honour it as given.
         mask = attention_mask

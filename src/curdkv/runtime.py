@@ -64,12 +64,19 @@ def check_press(press) -> Press:
 LAYOUTS = ("dense", "ragged", "masked")
 
 
-def _scores(press: Press, keys, values, queries, module, layer_idx: int) -> torch.Tensor:
-    view = ScoringView(keys=keys, values=values, queries=queries, module=module, layer_idx=layer_idx)
+def num_layers(module) -> int:
+    """Decoder layers of the model an attention module belongs to (1 without a config)."""
+    return int(getattr(getattr(module, "config", None), "num_hidden_layers", 1) or 1)
+
+
+def layer_scores(press: Press, keys, values, queries, module, layer_idx: int, positions=None) -> torch.Tensor:
+    """The press's scores ``[B, H_kv, N]`` for one layer, shape-checked."""
+    view = ScoringView(keys=keys, values=values, queries=queries, module=module, layer_idx=layer_idx, positions=positions)
     scores = press.score(view)
-    expected = tuple(keys.shape[:3])
-    if tuple(scores.shape) != expected:
-        raise ValueError(f"{type(press).__name__}.score returned shape {tuple(scores.shape)}, expected {expected}")
+    if tuple(scores.shape) != tuple(keys.shape[:3]):
+        raise ValueError(
+            f"{type(press).__name__}.score returned shape {tuple(scores.shape)}, expected {tuple(keys.shape[:3])}"
+        )
     return scores
 
 
@@ -111,13 +118,17 @@ def _nan_report(press: Press, scores, layer_idx: int, keys, values, queries) -> 
             f"over {keys.shape[2]} tokens ({inputs})")
 
 
-def compress_layer(press: Press, keys, values, queries, module, layer_idx: int, layout: str | None = None):
+def compress_layer(
+    press: Press, keys, values, queries, module, layer_idx: int, layout: str | None = None,
+    scores: torch.Tensor | None = None, n_keep: int | None = None,
+):
     """One layer's compressed cache: a :class:`CompressedLayer`, :class:`RaggedLayer` or :class:`MaskedLayer`.
 
     ``layout``: ``"dense"`` (uniform presses; their default on CPU),
     ``"ragged"`` (each head its own kept tokens; the default for head-adaptive
     presses, and for every press on CUDA with Triton) or ``"masked"`` (everything stored, evicted entries hidden: the
-    reference layout, which saves no memory).
+    reference layout, which saves no memory). ``scores`` and ``n_keep``
+    (tokens per head) default to the press's own at this layer.
     """
     adaptive = is_head_adaptive(press)
     layout = layout or ("ragged" if adaptive or fast_ragged(keys) else "dense")
@@ -125,11 +136,13 @@ def compress_layer(press: Press, keys, values, queries, module, layer_idx: int, 
     if layout == "dense" and adaptive:
         raise ValueError(f"layout must be 'ragged' or 'masked' for the head-adaptive press {press.name!r}, got 'dense'")
     n = keys.shape[2]
-    if kept_count(n, press.compression_ratio) == n:
-        if n == 0:
-            raise ValueError("the context is empty: there is nothing to compress")
+    if n == 0:
+        raise ValueError("the context is empty: there is nothing to compress")
+    if n_keep is None:
+        n_keep = press.layer_keep(n, layer_idx, num_layers(module))
+    if n_keep >= n:
         return CompressedLayer.from_states(keys, values, 0)
-    chosen = select_tokens(press, keys, values, queries, module, layer_idx)
+    chosen = select_tokens(press, keys, values, queries, module, layer_idx, scores=scores, n_keep=n_keep)
     if adaptive:
         keep = chosen
     elif layout == "dense":
@@ -142,19 +155,23 @@ def compress_layer(press: Press, keys, values, queries, module, layer_idx: int, 
     return layer_class.from_mask(keys, values, keep)
 
 
-def select_tokens(press: Press, keys, values, queries, module, layer_idx: int) -> torch.Tensor:
+def select_tokens(
+    press: Press, keys, values, queries, module, layer_idx: int,
+    scores: torch.Tensor | None = None, n_keep: int | None = None, positions: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The press's choice at one layer: sorted kept indices ``[B, H_kv, k]`` for a uniform
-    press, a keep mask ``[B, H_kv, N]`` for a head-adaptive one."""
+    press, a keep mask ``[B, H_kv, N]`` for a head-adaptive one.
+
+    ``n_keep`` (tokens per head) defaults to the press's budget at this layer;
+    ``positions`` are the cached tokens' RoPE positions when not ``0 .. N-1``.
+    """
     n = keys.shape[2]
     if n == 0:
         raise ValueError("the context is empty: there is nothing to compress")
-    n_keep = kept_count(n, press.compression_ratio)
-    view = ScoringView(keys=keys, values=values, queries=queries, module=module, layer_idx=layer_idx)
-    scores = press.score(view)
-    if tuple(scores.shape) != tuple(keys.shape[:3]):
-        raise ValueError(
-            f"{type(press).__name__}.score returned shape {tuple(scores.shape)}, expected {tuple(keys.shape[:3])}"
-        )
+    if n_keep is None:
+        n_keep = press.layer_keep(n, layer_idx, num_layers(module))
+    if scores is None:
+        scores = layer_scores(press, keys, values, queries, module, layer_idx, positions)
     sinks, recent = press.protected_sinks, press.protected_recent
     try:
         if is_head_adaptive(press):
@@ -166,7 +183,7 @@ def select_tokens(press: Press, keys, values, queries, module, layer_idx: int) -
 
 def kept_mask(press: Press, keys, values, queries, module, layer_idx: int) -> torch.Tensor:
     """Which context tokens each KV head keeps at one layer: bool ``[B, H_kv, N]``."""
-    if kept_count(keys.shape[2], press.compression_ratio) == keys.shape[2]:
+    if press.layer_keep(keys.shape[2], layer_idx, num_layers(module)) >= keys.shape[2]:
         return torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
     chosen = select_tokens(press, keys, values, queries, module, layer_idx)
     if chosen.dtype == torch.bool:
@@ -199,15 +216,47 @@ def _compress_after_attention(press: Press, layout, recorder: QueryRecorder, mod
     )
 
 
+def _budget_after_attention(budget, module, args, kwargs, output):
+    cache = kwargs.get("past_key_values")
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if cache is not None and hidden is not None:
+        budget.after_attention(module, cache, hidden.shape[1])
+
+
+def _compress_after_prefill(press: Press, layout, recorder: QueryRecorder, modules, model, args, kwargs, output):
+    """After a whole first prefill: compress every layer at once (presses with ``needs_full_prefill``)."""
+    cache = kwargs.get("past_key_values")
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        ids = kwargs.get("inputs_embeds")
+    queries = [recorder.pop(i) for i in range(len(modules))]
+    if cache is None or ids is None or getattr(output, "logits", None) is None:
+        return
+    n = ids.shape[1]
+    layers = [cache.layers[i] for i in range(len(modules))]
+    if any(layer.get_seq_length() != n or getattr(layer, "evicted", 0) for layer in layers):
+        return  # not a first prefill (or the pseudo-query decoding this very hook started)
+    capture = PrefillCapture(
+        [layer.keys for layer in layers], [layer.values for layer in layers], queries, modules, n,
+        model, output.logits[:, -1].argmax(-1),
+    )
+    for i, layer in enumerate(capture.build_cache(press, layout).layers):
+        cache.layers[i] = layer
+
+
 @contextlib.contextmanager
-def compress(model, press: Press, layout: str | None = None):
+def compress(model, press: Press, layout: str | None = None, max_cache_tokens: int | None = None):
     """Compress the KV cache of every prefill run inside the block.
 
     >>> with curdkv.compress(model, curdkv.CurDKVPress(compression_ratio=0.5)):
     ...     out = model.generate(input_ids, max_new_tokens=32)
 
     Each layer's cache is compressed right after that layer's prefill
-    attention; tokens generated afterwards are appended and never evicted.
+    attention; tokens generated afterwards are appended and never evicted,
+    unless ``max_cache_tokens`` is set: then every layer is held at that many
+    tokens per KV head for the whole generation (:mod:`curdkv.decoding`).
+    Presses that need the whole prefill first (dynamic layer budgets, lookahead
+    queries) compress every layer when the prefill's forward pass ends.
     Hooks and the attention switch are removed on exit, also after an error.
     A ratio of 0 changes nothing. ``layout``: see :func:`compress_layer`.
     """
@@ -215,17 +264,34 @@ def compress(model, press: Press, layout: str | None = None):
     if layout is not None:
         check_choice("layout", layout, LAYOUTS)
     modules = attention_modules(model)
-    if press.compression_ratio == 0.0:
+    if max_cache_tokens is not None:
+        from .decoding import DecodeBudget
+
+        if layout not in (None, "dense"):
+            raise ValueError(f"layout must be 'dense' (or None) with max_cache_tokens, got {layout!r}")
+        recorder = QueryRecorder(press.query_window, rolling=True)
+        budget = DecodeBudget(press, max_cache_tokens, recorder)
+        module_hook = functools.partial(_budget_after_attention, budget)
+        model_hook = None
+    elif press.compression_ratio == 0.0:
         yield
         return
-    recorder = QueryRecorder(press.query_window)
-    hook = functools.partial(_compress_after_attention, press, layout, recorder)
+    elif press.needs_full_prefill or press.lookahead_tokens:
+        recorder = QueryRecorder(press.query_window)
+        module_hook = None
+        model_hook = functools.partial(_compress_after_prefill, press, layout, recorder, modules)
+    else:
+        recorder = QueryRecorder(press.query_window)
+        module_hook = functools.partial(_compress_after_attention, press, layout, recorder)
+        model_hook = None
     handles = []
     try:
         with using_curdkv_attention(model), recording_queries(modules, recorder):
             handles.append(model.register_forward_pre_hook(_refuse_padding, with_kwargs=True))
-            for m in modules:
-                handles.append(m.register_forward_hook(hook, with_kwargs=True))
+            if model_hook is not None:
+                handles.append(model.register_forward_hook(model_hook, with_kwargs=True))
+            for m in modules if module_hook is not None else ():
+                handles.append(m.register_forward_hook(module_hook, with_kwargs=True))
             yield
     finally:
         for h in handles:
@@ -236,12 +302,15 @@ class PrefillCapture:
     """One full prefill's keys, values and window queries, per layer.
 
     ``keys[l]``/``values[l]``: ``[B, H_kv, N, D]``; ``queries[l]``: ``[B, H, W, D]``.
+    ``model`` and ``next_token`` (``[B]``, the greedy token after the context)
+    are what presses with lookahead tokens decode from; ``None`` when not kept.
     """
 
-    def __init__(self, keys, values, queries, modules, seq_len: int):
+    def __init__(self, keys, values, queries, modules, seq_len: int, model=None, next_token=None):
         self.keys, self.values, self.queries = keys, values, queries
         self.modules = modules
         self.seq_len = seq_len
+        self.model, self.next_token = model, next_token
 
     @property
     def num_layers(self) -> int:
@@ -250,30 +319,50 @@ class PrefillCapture:
     def nbytes(self) -> int:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in zip(self.keys, self.values))
 
+    def window_queries(self, press: Press) -> list[torch.Tensor | None]:
+        """Each layer's last ``press.query_window`` queries, checked against what was recorded."""
+        out = []
+        for q in self.queries:
+            recorded = 0 if q is None else q.shape[2]
+            # A context shorter than the window is reported by selection, which names both lengths.
+            if recorded < min(press.query_window, self.seq_len):
+                raise ValueError(
+                    f"{type(press).__name__} needs {press.query_window} window queries; "
+                    f"capture_prefill(query_window=...) recorded fewer"
+                )
+            out.append(q[:, :, -press.query_window :] if q is not None and press.query_window else q)
+        return out
+
     def build_cache(self, press: Press | None, layout: str | None = None) -> CompressedCache:
         """A compressed cache for ``press`` (``None``: the full cache, shared, not copied).
 
         ``layout``: see :func:`compress_layer`.
         """
-        layers = []
-        for idx in range(self.num_layers):
-            k, v = self.keys[idx], self.values[idx]
-            if press is not None:
-                check_press(press)
-                recorded = 0 if self.queries[idx] is None else self.queries[idx].shape[2]
-                # A context shorter than the window is reported by selection, which names both lengths.
-                if recorded < min(press.query_window, self.seq_len):
-                    raise ValueError(
-                        f"{type(press).__name__} needs {press.query_window} window queries; "
-                        f"capture_prefill(query_window=...) recorded fewer"
-                    )
-                q = self.queries[idx]
-                if q is not None and press.query_window:
-                    q = q[:, :, -press.query_window :]
-                layers.append(compress_layer(press, k, v, q, self.modules[idx], idx, layout))
-            else:
-                layers.append(CompressedLayer.from_states(k, v, 0))
-        return CompressedCache.from_layers(layers)
+        if press is None:
+            return CompressedCache.from_layers(
+                [CompressedLayer.from_states(k, v, 0) for k, v in zip(self.keys, self.values)]
+            )
+        check_press(press)
+        queries = self.window_queries(press)
+        if press.lookahead_tokens:
+            from .lookahead import with_pseudo_queries
+
+            queries = with_pseudo_queries(self, press, queries)
+        if not press.needs_full_prefill:
+            return CompressedCache.from_layers([
+                compress_layer(press, k, v, q, m, i, layout)
+                for i, (k, v, q, m) in enumerate(zip(self.keys, self.values, queries, self.modules))
+            ])
+        # Budgets across layers need every layer's scores before any layer is cut.
+        scores = [
+            layer_scores(press, k, v, q, m, i)
+            for i, (k, v, q, m) in enumerate(zip(self.keys, self.values, queries, self.modules))
+        ]
+        keeps = press.layer_keeps(scores, self.seq_len)
+        return CompressedCache.from_layers([
+            compress_layer(press, k, v, q, m, i, layout, scores=s, n_keep=n_keep)
+            for i, (k, v, q, m, s, n_keep) in enumerate(zip(self.keys, self.values, queries, self.modules, scores, keeps))
+        ])
 
 
 @torch.no_grad()
@@ -289,8 +378,9 @@ def capture_prefill(model, input_ids: torch.Tensor, query_window: int = 64) -> P
     recorder = QueryRecorder(min(query_window, input_ids.shape[1]))
     cache = DynamicCache()
     with using_curdkv_attention(model), recording_queries(modules, recorder):
-        model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     keys = [cache.layers[i].keys for i in range(len(modules))]
     values = [cache.layers[i].values for i in range(len(modules))]
     queries = [recorder.queries.get(i) for i in range(len(modules))]
-    return PrefillCapture(keys, values, queries, modules, input_ids.shape[1])
+    next_token = out.logits[:, -1].argmax(-1)
+    return PrefillCapture(keys, values, queries, modules, input_ids.shape[1], model, next_token)

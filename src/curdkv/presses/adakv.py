@@ -73,8 +73,22 @@ class AdaKV(Press):
     def query_window(self) -> int:
         return self.press.query_window
 
+    @property
+    def needs_full_prefill(self) -> bool:  # type: ignore[override]
+        return self.press.needs_full_prefill
+
+    @property
+    def lookahead_tokens(self) -> int:
+        return self.press.lookahead_tokens
+
     def score(self, view: ScoringView):
         return self.press.score(view)
+
+    def layer_keep(self, seq_len: int, layer_idx: int, num_layers: int) -> int:
+        return self.press.layer_keep(seq_len, layer_idx, num_layers)
+
+    def layer_keeps(self, scores, seq_len: int) -> list[int]:
+        return self.press.layer_keeps(scores, seq_len)
 
     def with_ratio(self, compression_ratio: float) -> "AdaKV":
         clone = object.__new__(type(self))

@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from ..selection import kept_count
+
 
 @dataclass
 class ScoringView:
@@ -22,8 +24,12 @@ class ScoringView:
     keys, values: ``[B, H_kv, N, D]`` post-RoPE, as cached by the model.
     queries: ``[B, H, W, D]`` post-RoPE queries of the last ``W`` context
         tokens (the observation window), or ``None`` when no press asked for them.
+        A press with lookahead tokens gets the window followed by its pseudo queries.
     module: the attention module (for ``o_proj``, head counts, scaling).
     layer_idx: index of the layer in the model.
+    positions: ``[B, H_kv, N]`` RoPE positions of the cached tokens, or
+        ``None`` when they are ``0 .. N-1`` (a first prefill). Compression during
+        decoding scores caches whose earlier tokens were already evicted.
     """
 
     keys: torch.Tensor
@@ -31,6 +37,7 @@ class ScoringView:
     queries: torch.Tensor | None
     module: nn.Module | None
     layer_idx: int
+    positions: torch.Tensor | None = None
 
     @property
     def seq_len(self) -> int:
@@ -45,6 +52,11 @@ class ScoringView:
         if self.module is not None and hasattr(self.module, "scaling"):
             return float(self.module.scaling)
         return 1.0 / math.sqrt(self.keys.shape[-1])
+
+
+# ``query_window`` of a press that reads the queries of every context token (H2O):
+# the recorder keeps the last min(window, N) queries, so any window >= N means all.
+ALL_QUERIES = 1 << 40
 
 
 def check_choice(name: str, value, allowed) -> None:
@@ -102,9 +114,34 @@ class Press:
     def query_window(self) -> int:
         return 0
 
+    # Set by presses whose budgets or queries need every layer's prefill before any layer
+    # is compressed (dynamic layer budgets, lookahead queries): the runtime then keeps the
+    # full cache until the prefill ends, so their peak memory is the full cache's.
+    needs_full_prefill = False
+
+    @property
+    def lookahead_tokens(self) -> int:
+        """Pseudo queries the press wants after its window (Lookahead Q-Cache); 0: none."""
+        return 0
+
     def score(self, view: ScoringView) -> torch.Tensor:
         """Return float32 scores ``[B, H_kv, N]``; higher means keep."""
         raise NotImplementedError
+
+    def layer_keep(self, seq_len: int, layer_idx: int, num_layers: int) -> int:
+        """Tokens each KV head keeps at one layer (the mean over heads for head-adaptive presses).
+
+        The same at every layer unless the press sets layer budgets (PyramidKV).
+        """
+        return kept_count(seq_len, self.compression_ratio)
+
+    def layer_keeps(self, scores: list[torch.Tensor], seq_len: int) -> list[int]:
+        """Per-layer budgets from every layer's scores, for presses with ``needs_full_prefill``.
+
+        The default is :meth:`layer_keep` at each layer; presses that allocate
+        budgets across layers from the scores (LAVa) override it.
+        """
+        return [self.layer_keep(seq_len, i, len(scores)) for i in range(len(scores))]
 
     def with_ratio(self, compression_ratio: float) -> "Press":
         """A copy of this press at another compression ratio."""
