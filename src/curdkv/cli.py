@@ -36,11 +36,22 @@ def _presses(text: str) -> tuple[str, ...]:
     return tuple("full" if s.lower() == "full" else s for s in specs)
 
 
-def _eval_ratios(text: str) -> tuple[float, ...]:
-    values = _ratios(text)
-    if any(v == 0.0 for v in values):
-        raise argparse.ArgumentTypeError(f"--ratios must be in (0, 1) (the full cache is always run), got {text!r}")
-    return values
+def _eval_ratios(text: str) -> tuple[float | str, ...]:
+    """Ratios in (0, 1), and ``calibrated:TOL`` for presses that choose their ratio per context."""
+    from .eval.sweep import parse_ratio
+
+    values = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        try:
+            ratio, tolerance = parse_ratio(item)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"--{error} (the full cache is always run)")
+        values.append(item if tolerance is not None else ratio)
+    if not values:
+        raise argparse.ArgumentTypeError(f"--ratios must name at least one ratio, got {text!r}")
+    return tuple(values)
 
 
 def _grid(text: str) -> tuple[tuple[str, ...], tuple[float, ...]]:
@@ -120,7 +131,8 @@ def _add_eval(sub) -> None:
         p.add_argument("--presses", type=_presses, default=_presses(EVAL_PRESSES),
                        help=f"comma-separated press specs, e.g. curdkv,curdkv:leverage=key (default {EVAL_PRESSES})")
         p.add_argument("--ratios", type=_eval_ratios, default=(0.3, 0.5, 0.7, 0.9),
-                       help="compression ratios (default 0.3,0.5,0.7,0.9); the full cache always runs")
+                       help="compression ratios (default 0.3,0.5,0.7,0.9), or calibrated:TOL for presses that choose "
+                            "their ratio per context (compactor); the full cache always runs")
         p.add_argument("--extra", type=_grid, action="append", default=[],
                        help="another PRESSES@RATIOS grid answered from the same prefill (repeatable)")
         p.add_argument("--out", required=True, help="run folder: predictions, summary.csv, results.md, plot")

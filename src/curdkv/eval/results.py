@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..report import markdown_table, pyplot
 
-SUMMARY_COLUMNS = ("model", "task", "length", "press", "compression_ratio", "score", "n", "fidelity")
+SUMMARY_COLUMNS = ("model", "task", "length", "press", "compression_ratio", "score", "n", "fidelity", "calibrated")
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -17,15 +17,19 @@ def summarize(records: list[dict]) -> list[dict]:
 
     Fidelity (in %) is how often a configuration's answer equals the full
     cache's answer to the same sample (the CurDKV paper reports it).
+    A context-calibrated press (its records carry ``calibration_tolerance``)
+    makes one row whose ratio is the mean of the ratios it chose, with
+    ``calibrated`` set to its tolerance.
     """
     full = {(r["model"], r["task"], r["length"], r["index"]): r["prediction"] for r in records if r["press"] == "full"}
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
-        groups[(r["model"], r["task"], r["length"], r["press"], float(r["compression_ratio"]))].append(r)
+        ratio = None if "calibration_tolerance" in r else float(r["compression_ratio"])
+        groups[(r["model"], r["task"], r["length"], r["press"], ratio)].append(r)
     # Tasks and presses keep the order the run used (first appearance), not the alphabet.
     task_rank = {t: i for i, t in enumerate(dict.fromkeys(r["task"] for r in records))}
     press_rank = {p: i for i, p in enumerate(dict.fromkeys(r["press"] for r in records))}
-    order = sorted(groups, key=lambda k: (k[0], task_rank[k[1]], k[2], press_rank[k[3]], k[4]))
+    order = sorted(groups, key=lambda k: (k[0], task_rank[k[1]], k[2], press_rank[k[3]], k[4] or 0.0))
     rows = []
     for (model, task, length, press, ratio) in order:
         rs = groups[(model, task, length, press, ratio)]
@@ -34,11 +38,14 @@ def summarize(records: list[dict]) -> list[dict]:
             for r in rs
             if (model, task, length, r["index"]) in full
         ]
+        calibrated = rs[0].get("calibration_tolerance") if ratio is None else None
+        if ratio is None:
+            ratio = sum(float(r["compression_ratio"]) for r in rs) / len(rs)
         rows.append(
             {
                 "model": model, "task": task, "length": length, "press": press, "compression_ratio": ratio,
                 "score": sum(r["score"] for r in rs) / len(rs), "n": len(rs),
-                "fidelity": 100 * sum(agree) / len(agree) if agree else math.nan,
+                "fidelity": 100 * sum(agree) / len(agree) if agree else math.nan, "calibrated": calibrated,
             }
         )
     return rows
@@ -49,7 +56,7 @@ def write_summary_csv(rows: list[dict], path) -> None:
         writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (round(row[k], 4) if isinstance(row[k], float) else row[k]) for k in SUMMARY_COLUMNS})
+            writer.writerow({k: (round(row[k], 4) if isinstance(row[k], float) else row.get(k)) for k in SUMMARY_COLUMNS})
 
 
 def _press_order(rows: list[dict]) -> list[str]:
@@ -60,17 +67,52 @@ def _press_order(rows: list[dict]) -> list[str]:
     return seen
 
 
+def _average_rows(tasks, presses, value, averages) -> list[dict]:
+    body = []
+    for label, members in (averages or {}).items():
+        used = [t for t in members if t in tasks]
+        if not used:
+            continue
+        avg = {}
+        for p in presses:
+            vals = [value(t, p) for t in used]
+            avg[p] = sum(vals) / len(vals) if all(v is not None for v in vals) else None
+        body.append({"task": f"**{label}** ({len(used)} tasks)", **avg})
+    return body
+
+
+def _calibrated_block(rows, tasks, length, averages, metric, title) -> str | None:
+    """Context-calibrated presses: one column each, headed by the mean ratio they chose."""
+    chosen = [r for r in rows if r.get("calibrated") is not None and r["length"] == length]
+    if not chosen:
+        return None
+    presses = _press_order(chosen)
+    cell = {(r["task"], r["press"]): r[metric] for r in chosen}
+    cell.update({(r["task"], "full"): r[metric] for r in rows if r["press"] == "full" and r["length"] == length})
+    ratio = {p: [r["compression_ratio"] for r in chosen if r["press"] == p] for p in presses}
+    heads = {p: f"{p} (mean ratio {sum(ratio[p]) / len(ratio[p]):.0%})" for p in presses}
+    columns = ["full"] + presses
+
+    def value(task, press):
+        return cell.get((task, press))
+
+    body = [{"task": t, **{p: value(t, p) for p in columns}} for t in tasks]
+    body += _average_rows(tasks, columns, value, averages)
+    return title + "\n\n" + markdown_table(body, [("task", "task"), ("full", "full")] + [(p, heads[p]) for p in presses])
+
+
 def results_table(rows: list[dict], averages: dict[str, list[str]] | None = None, metric: str = "score") -> str:
     """Rows tasks, columns presses (full cache first), one block per ratio, average rows last.
 
     ``averages``: label -> tasks averaged under that label (tasks missing from
     the results are left out of the average and the label says how many it used).
     """
-    presses = ["full"] + _press_order(rows)
-    ratios = sorted({r["compression_ratio"] for r in rows if r["press"] != "full"})
+    fixed = [r for r in rows if r.get("calibrated") is None]
+    presses = ["full"] + _press_order(fixed)
+    ratios = sorted({r["compression_ratio"] for r in fixed if r["press"] != "full"})
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     lengths = sorted({r["length"] for r in rows})
-    cell = {(r["task"], r["length"], r["press"], r["compression_ratio"]): r[metric] for r in rows}
+    cell = {(r["task"], r["length"], r["press"], r["compression_ratio"]): r[metric] for r in fixed}
     blocks = []
     for length in lengths:
         for ratio in ratios:
@@ -78,17 +120,13 @@ def results_table(rows: list[dict], averages: dict[str, list[str]] | None = None
                 return cell.get((task, length, press, 0.0 if press == "full" else ratio))
 
             body = [{"task": t, **{p: value(t, p) for p in presses}} for t in tasks]
-            for label, members in (averages or {}).items():
-                used = [t for t in members if t in tasks]
-                if not used:
-                    continue
-                avg = {}
-                for p in presses:
-                    vals = [value(t, p) for t in used]
-                    avg[p] = sum(vals) / len(vals) if all(v is not None for v in vals) else None
-                body.append({"task": f"**{label}** ({len(used)} tasks)", **avg})
+            body += _average_rows(tasks, presses, value, averages)
             title = f"### {length} tokens, compression {ratio:.0%}" if len(lengths) > 1 else f"### compression {ratio:.0%}"
             blocks.append(title + "\n\n" + markdown_table(body, [("task", "task")] + [(p, p) for p in presses]))
+        title = f"### {length} tokens, context-calibrated ratio" if len(lengths) > 1 else "### context-calibrated ratio"
+        block = _calibrated_block(rows, tasks, length, averages, metric, title)
+        if block:
+            blocks.append(block)
     return "\n\n".join(blocks)
 
 
@@ -97,8 +135,12 @@ def plot_average_vs_ratio(rows: list[dict], path, tasks: list[str] | None = None
     plt = pyplot()
     chosen = [r for r in rows if tasks is None or r["task"] in tasks]
     by_press: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    calibrated: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for r in chosen:
-        by_press[r["press"]][r["compression_ratio"]].append(r["score"])
+        if r.get("calibrated") is not None:
+            calibrated[r["press"]].append((r["compression_ratio"], r["score"]))
+        else:
+            by_press[r["press"]][r["compression_ratio"]].append(r["score"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
     full = by_press.pop("full", None)
     for press, points in by_press.items():
@@ -107,6 +149,11 @@ def plot_average_vs_ratio(rows: list[dict], path, tasks: list[str] | None = None
         if full:
             xs, ys = [0.0] + xs, [sum(full[0.0]) / len(full[0.0])] + ys
         ax.plot([100 * x for x in xs], ys, marker="o", label=press)
+    for press, points in calibrated.items():
+        # One point: the mean ratio it chose and its mean score.
+        x = sum(p[0] for p in points) / len(points)
+        y = sum(p[1] for p in points) / len(points)
+        ax.plot([100 * x], [y], marker="*", markersize=12, linestyle="none", label=press)
     if full:
         ax.axhline(sum(full[0.0]) / len(full[0.0]), color="black", linestyle="--", linewidth=1, label="full cache")
     ax.set_xlabel("compression ratio (% of context tokens removed)")

@@ -134,8 +134,9 @@ def run_eval(
 def report(run_dir, out_dir=None, presses=None, ratios=None) -> list[dict]:
     """Re-render a run's outputs for a subset of its configurations (the full cache is always kept).
 
-    ``presses``: press specs to keep (all by default); ``ratios``: compression
-    ratios to keep. Writes summary.csv, results.md and the plot to
+    ``presses``: press specs to keep (all by default), as labelled in the
+    run (a calibrated press is ``PRESS@calibrated:TOL``); ``ratios``: fixed compression
+    ratios to keep (calibrated presses are kept whatever their ratio). Writes summary.csv, results.md and the plot to
     ``out_dir`` (default: ``run_dir``) and returns the summary rows.
     """
     run_dir = Path(run_dir)
@@ -145,12 +146,13 @@ def report(run_dir, out_dir=None, presses=None, ratios=None) -> list[dict]:
     settings = json.loads(settings_path.read_text())
     records = read_predictions(run_dir)
     keep_press = set(presses) if presses else None
-    keep_ratio = {round(float(r), 6) for r in ratios} if ratios else None
+    keep_ratio = {round(float(r), 6) for r in ratios if not isinstance(r, str)} if ratios else None
     chosen = [
         r for r in records
         if r["press"] == "full" or (
             (keep_press is None or r["press"] in keep_press)
-            and (keep_ratio is None or round(float(r["compression_ratio"]), 6) in keep_ratio)
+            and (keep_ratio is None or "calibration_tolerance" in r
+                 or round(float(r["compression_ratio"]), 6) in keep_ratio)
         )
     ]
     missing = sorted((keep_press or set()) - {r["press"] for r in chosen})

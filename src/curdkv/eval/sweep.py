@@ -33,15 +33,54 @@ FULL = "full"
 PREDICTIONS = "predictions.jsonl"
 
 
+CALIBRATED = "calibrated:"
+
+
 @dataclass(frozen=True)
 class Config:
-    """One compression setting: a press spec (registry name with options, or ``"full"``) and a ratio."""
+    """One compression setting: a press spec (registry name with options, or ``"full"``) and a ratio.
+
+    With ``tolerance`` set, the ratio is not fixed: the press chooses it for
+    each context (context-calibrated compression, :meth:`Press.calibrated_ratio`),
+    and the records carry the ratio chosen under the label ``PRESS@calibrated:TOL``.
+    """
 
     press: str
     ratio: float
+    tolerance: float | None = None
+
+    @property
+    def label(self) -> str:
+        return self.press if self.tolerance is None else f"{self.press}@{CALIBRATED}{self.tolerance:g}"
 
     def build(self):
         return None if self.press == FULL else get_press(self.press, self.ratio)
+
+    def build_for(self, capture):
+        """The press for one captured context: calibrated configurations choose their ratio here."""
+        press = self.build()
+        if self.tolerance is None or press is None:
+            return press
+        return press.with_ratio(press.calibrated_ratio(capture, self.tolerance))
+
+
+def parse_ratio(value) -> tuple[float, float | None]:
+    """``0.5`` -> ``(0.5, None)``; ``"calibrated:0.05"`` -> ``(0.0, 0.05)`` (the ratio is chosen per context)."""
+    if isinstance(value, str) and value.startswith(CALIBRATED):
+        try:
+            tolerance = float(value[len(CALIBRATED):])
+        except ValueError:
+            tolerance = math.nan
+        if not 0.0 < tolerance < 1.0:
+            raise ValueError(f"ratios: a calibrated ratio must look like calibrated:TOL with TOL in (0, 1), got {value!r}")
+        return 0.0, tolerance
+    try:
+        ratio = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"ratios must be numbers in (0, 1) or calibrated:TOL, got {value!r}") from None
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"ratios must be in (0, 1), got {value!r}")
+    return ratio, None
 
 
 def sweep_configs(
@@ -51,28 +90,35 @@ def sweep_configs(
 
     Presses are specs (``"curdkv"``, ``"curdkv:leverage=key"``, see
     :func:`curdkv.presses.parse_press_spec`); each is built once here so a
-    bad spec fails before any model runs. Repeated configurations are dropped.
+    bad spec fails before any model runs. A ratio may be ``"calibrated:TOL"``
+    (presses that choose their ratio per context). Repeated configurations are dropped.
     """
     configs = [Config(FULL, 0.0)]
     for group_presses, group_ratios in [(presses, ratios), *extra]:
-        group_presses, group_ratios = list(group_presses), [float(r) for r in group_ratios]
-        for r in group_ratios:
-            if not 0.0 < r < 1.0:
-                raise ValueError(f"ratios must be in (0, 1), got {r!r}")
+        group_presses, group_ratios = list(group_presses), [parse_ratio(r) for r in group_ratios]
         for spec in group_presses:
             if spec == FULL:
                 continue
             parse_press_spec(spec)
-            for r in group_ratios:
-                config = Config(spec, r)
-                config.build()
+            for r, tolerance in group_ratios:
+                config = Config(spec, r, tolerance)
+                press = config.build()
+                if tolerance is not None and not press.calibrates:
+                    raise ValueError(f"press {spec!r} cannot choose its ratio per context (calibrated:TOL)")
                 if config not in configs:
                     configs.append(config)
     return configs
 
 
 def record_key(record: dict) -> tuple:
-    return record["task"], record["length"], record["index"], record["press"], float(record["compression_ratio"])
+    # A calibrated configuration's ratio differs per sample; its label alone names it.
+    ratio = None if "calibration_tolerance" in record else float(record["compression_ratio"])
+    return record["task"], record["length"], record["index"], record["press"], ratio
+
+
+def config_key(sample, config: Config) -> tuple:
+    ratio = None if config.tolerance is not None else config.ratio
+    return sample.task, sample.length, sample.index, config.label, ratio
 
 
 def read_predictions(out_dir: Path) -> list[dict]:
@@ -127,7 +173,7 @@ class Sweep:
         for i, sample in enumerate(samples):
             if i % world != rank:
                 continue
-            left = [c for c in self.configs if (sample.task, sample.length, sample.index, c.press, c.ratio) not in done]
+            left = [c for c in self.configs if config_key(sample, c) not in done]
             if left:
                 todo.append((sample, left))
         # Round-robin over tasks and lengths (sample 0 of every task, then sample 1, ...), so a
@@ -159,26 +205,28 @@ class Sweep:
         records = []
         for start in range(0, len(configs), self.batch_size):
             chunk = configs[start : start + self.batch_size]
-            caches = [capture.build_cache(self.presses[c]) for c in chunk]
+            presses = [c.build_for(capture) if c.tolerance is not None else self.presses[c] for c in chunk]
+            caches = [capture.build_cache(p) for p in presses]
             cache = caches[0] if len(caches) == 1 else stack_caches(caches, capture.seq_len)
             predictions = answer_greedily(
                 self.model, self.tokenizer, cache, capture.seq_len, sample.question, sample.max_new_tokens,
                 sample.answer_prefix, separator="",
             )
-            for config, c, prediction in zip(chunk, caches, predictions):
+            for config, press, c, prediction in zip(chunk, presses, caches, predictions):
                 records.append(
                     {
                         "model": self.model_name,
                         "task": sample.task,
                         "length": sample.length,
                         "index": sample.index,
-                        "press": config.press,
-                        "compression_ratio": config.ratio,
+                        "press": config.label,
+                        "compression_ratio": 0.0 if press is None else press.compression_ratio,
                         "prediction": prediction,
                         "answers": list(sample.answers),
                         "score": float(self.scorer(sample, prediction)),
                         "context_tokens": capture.seq_len,
                         "kv_bytes": c.nbytes(),
+                        **({} if config.tolerance is None else {"calibration_tolerance": config.tolerance}),
                     }
                 )
             del caches, cache

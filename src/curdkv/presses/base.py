@@ -143,6 +143,13 @@ class Press:
         """
         return [self.layer_keep(seq_len, i, len(scores)) for i in range(len(scores))]
 
+    # Presses that can choose their compression ratio for each context (Compactor).
+    calibrates = False
+
+    def calibrated_ratio(self, capture, tolerance: float) -> float:
+        """The compression ratio this press chooses for one captured context at ``tolerance``."""
+        raise ValueError(f"press {self.name!r} cannot choose its ratio per context; use a fixed compression_ratio")
+
     def with_ratio(self, compression_ratio: float) -> "Press":
         """A copy of this press at another compression ratio."""
         kwargs = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
