@@ -9,6 +9,10 @@ from .base import Press, ScoringView
 from .chunkkv import ChunkKVPress
 from .curdkv import CurDKVPress
 from .knorm import KNormPress
+from .lava import LAVaPress
+from .lookahead_qcache import LookaheadQCachePress
+from .morphkv import MorphKVPress
+from .pyramidkv import PyramidKVPress
 from .random_press import RandomPress
 from .snapkv import SnapKVPress
 from .streaming_llm import StreamingLLMPress
@@ -24,6 +28,10 @@ PRESSES: dict[str, Callable[..., Press]] = {
     "adacurdkv": AdaCurDKV,
     "adacurdkv-sketch": lambda **kw: AdaCurDKV(estimator="projection", **kw),
     "adasnapkv": AdaSnapKV,
+    "pyramidkv": PyramidKVPress,
+    "lava": LAVaPress,
+    "lookahead": LookaheadQCachePress,
+    "morphkv": MorphKVPress,
 }
 
 
@@ -86,6 +94,10 @@ __all__ = [
     "AdaKV",
     "AdaCurDKV",
     "AdaSnapKV",
+    "PyramidKVPress",
+    "LAVaPress",
+    "LookaheadQCachePress",
+    "MorphKVPress",
     "PRESSES",
     "get_press",
     "parse_press_spec",
