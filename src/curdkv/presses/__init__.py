@@ -8,7 +8,9 @@ from .adakv import AdaCurDKV, AdaKV, AdaSnapKV
 from .base import Press, ScoringView
 from .chunkkv import ChunkKVPress
 from .curdkv import CurDKVPress
+from .h2o import H2OPress
 from .knorm import KNormPress
+from .obcache import OBCachePress
 from .lava import LAVaPress
 from .lookahead_qcache import LookaheadQCachePress
 from .morphkv import MorphKVPress
@@ -32,6 +34,9 @@ PRESSES: dict[str, Callable[..., Press]] = {
     "lava": LAVaPress,
     "lookahead": LookaheadQCachePress,
     "morphkv": MorphKVPress,
+    "obcache": OBCachePress,
+    "adaobcache": lambda alpha=0.2, **kw: AdaKV(OBCachePress(**kw), alpha),
+    "h2o": H2OPress,
 }
 
 
@@ -98,6 +103,8 @@ __all__ = [
     "LAVaPress",
     "LookaheadQCachePress",
     "MorphKVPress",
+    "OBCachePress",
+    "H2OPress",
     "PRESSES",
     "get_press",
     "parse_press_spec",
