@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from .attention import QueryRecorder, recording_queries, using_curdkv_attention
 from .cache import CompressedCache, CompressedLayer
-from .presses.base import Press, ScoringView, check_choice
+from .presses.base import ALL_QUERIES, Press, ScoringView, check_choice
 from .ragged_layer import MaskedLayer, RaggedLayer
 from .selection import NaNScores, gather_tokens, kept_count, select_adaptive, select_uniform
 
@@ -238,7 +238,7 @@ def _compress_after_prefill(press: Press, layout, recorder: QueryRecorder, modul
         return  # not a first prefill (or the pseudo-query decoding this very hook started)
     capture = PrefillCapture(
         [layer.keys for layer in layers], [layer.values for layer in layers], queries, modules, n,
-        model, output.logits[:, -1].argmax(-1),
+        model, output.logits[:, -1].argmax(-1), kwargs.get("input_ids"),
     )
     for i, layer in enumerate(capture.build_cache(press, layout).layers):
         cache.layers[i] = layer
@@ -303,14 +303,15 @@ class PrefillCapture:
 
     ``keys[l]``/``values[l]``: ``[B, H_kv, N, D]``; ``queries[l]``: ``[B, H, W, D]``.
     ``model`` and ``next_token`` (``[B]``, the greedy token after the context)
-    are what presses with lookahead tokens decode from; ``None`` when not kept.
+    are what presses with lookahead tokens decode from, ``input_ids`` what a
+    press calibrating its ratio to the context reads; ``None`` when not kept.
     """
 
-    def __init__(self, keys, values, queries, modules, seq_len: int, model=None, next_token=None):
+    def __init__(self, keys, values, queries, modules, seq_len: int, model=None, next_token=None, input_ids=None):
         self.keys, self.values, self.queries = keys, values, queries
         self.modules = modules
         self.seq_len = seq_len
-        self.model, self.next_token = model, next_token
+        self.model, self.next_token, self.input_ids = model, next_token, input_ids
 
     @property
     def num_layers(self) -> int:
@@ -326,9 +327,11 @@ class PrefillCapture:
             recorded = 0 if q is None else q.shape[2]
             # A context shorter than the window is reported by selection, which names both lengths.
             if recorded < min(press.query_window, self.seq_len):
+                wanted = "the queries of every context token" if press.query_window >= ALL_QUERIES else \
+                    f"{press.query_window} window queries"
                 raise ValueError(
-                    f"{type(press).__name__} needs {press.query_window} window queries; "
-                    f"capture_prefill(query_window=...) recorded fewer"
+                    f"{type(press).__name__} needs {wanted}; capture_prefill recorded {recorded} "
+                    f"(pass capture_prefill(..., query_window=press.query_window))"
                 )
             out.append(q[:, :, -press.query_window :] if q is not None and press.query_window else q)
         return out
@@ -383,4 +386,4 @@ def capture_prefill(model, input_ids: torch.Tensor, query_window: int = 64) -> P
     values = [cache.layers[i].values for i in range(len(modules))]
     queries = [recorder.queries.get(i) for i in range(len(modules))]
     next_token = out.logits[:, -1].argmax(-1)
-    return PrefillCapture(keys, values, queries, modules, input_ids.shape[1], model, next_token)
+    return PrefillCapture(keys, values, queries, modules, input_ids.shape[1], model, next_token, input_ids)

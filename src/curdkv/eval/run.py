@@ -124,7 +124,7 @@ def run_eval(
         merge_ranks(out_dir)
     settings = {
         "family": family.name, "model": model_name, **family.params,
-        "configs": [[c.press, c.ratio] for c in configs], "averages": family.averages, "dtype": dtype,
+        "configs": [[c.label, c.ratio] for c in configs], "averages": family.averages, "dtype": dtype,
         "device": str(device), "world_size": world, "samples": len(samples), "environment": environment(),
     }
     (out_dir / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")

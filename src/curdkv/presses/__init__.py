@@ -7,6 +7,7 @@ from typing import Callable
 from .adakv import AdaCurDKV, AdaKV, AdaSnapKV
 from .base import Press, ScoringView
 from .chunkkv import ChunkKVPress
+from .compactor import CompactorPress
 from .curdkv import CurDKVPress
 from .h2o import H2OPress
 from .knorm import KNormPress
@@ -37,6 +38,8 @@ PRESSES: dict[str, Callable[..., Press]] = {
     "obcache": OBCachePress,
     "adaobcache": lambda alpha=0.2, **kw: AdaKV(OBCachePress(**kw), alpha),
     "h2o": H2OPress,
+    "compactor": CompactorPress,
+    "adacompactor": lambda alpha=0.2, **kw: AdaKV(CompactorPress(**kw), alpha),
 }
 
 
@@ -105,6 +108,7 @@ __all__ = [
     "MorphKVPress",
     "OBCachePress",
     "H2OPress",
+    "CompactorPress",
     "PRESSES",
     "get_press",
     "parse_press_spec",

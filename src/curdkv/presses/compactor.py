@@ -1,0 +1,679 @@
+"""Compactor: approximate key leverage blended with non-causal chunked attention.
+
+Also the paper's context-calibrated compression: choosing, for each context,
+the largest compression ratio whose predicted loss of answer likelihood stays
+within a tolerance (:class:`CalibrationCurve`, :func:`calibrated_ratio`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from ..kernels.leverage import whitening
+from .base import ALL_QUERIES, Press, ScoringView, check_choice, check_int
+
+NORMALIZATIONS = ("head", "layer")
+LOGIT_SCALES = ("unscaled", "model")
+
+# Ridge on the unit-diagonal sketched Gram matrix (the whitening of curdkv's exact
+# leverage): keeps rank-deficient heads finite (a sketch wider than the head, constant
+# keys) while moving well-conditioned leverages by ~1e-6 relative.
+LEVERAGE_RIDGE = 1e-6
+# Chunks are scored a block at a time so the [B, H, chunks, C, C] probabilities stay
+# under this many elements (256 MiB of float32) at any context length.
+ATTENTION_BLOCK_ELEMENTS = 1 << 26
+# A z-score divides by max(std, this * max|score|): a head whose scores differ only by
+# float rounding (constant keys) gets z-scores near 0, not amplified rounding noise.
+ZSCORE_RELATIVE_FLOOR = 1e-6
+# |b| of the calibration curve is clamped here: at 60 the curve is already
+# exp(60 (r - 1)) to float64 precision, and expm1 stays far from overflow.
+MAX_SHARPNESS = 60.0
+
+
+# --------------------------------------------------------------------------- RoPE
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _standard_rope_init(config) -> tuple[torch.Tensor, float]:
+    base = config.rope_parameters["rope_theta"]
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+
+
+def _default_rope_init(module):
+    """The model family's own default-RoPE function (``*RotaryEmbedding.compute_default_rope_parameters``).
+
+    transformers 5 keeps the plain RoPE out of ``ROPE_INIT_FUNCTIONS``; each
+    modelling file defines it on its rotary class, so it is looked up there.
+    """
+    family = sys.modules.get(type(module).__module__)
+    for obj in vars(family).values() if family is not None else ():
+        if isinstance(obj, type) and callable(getattr(obj, "compute_default_rope_parameters", None)):
+            return obj.compute_default_rope_parameters
+    return _standard_rope_init
+
+
+def rope_frequencies(module, seq_len: int, device=None) -> tuple[torch.Tensor, float]:
+    """The inverse frequencies ``[D / 2]`` (float32) and the cos/sin factor of ``module``'s RoPE.
+
+    Computed from ``module.config.rope_parameters`` with transformers' own
+    initialisation functions, as the model's rotary embedding does at a first
+    prefill of ``seq_len`` tokens (dynamic NTK scaling depends on it).
+    """
+    if module is None:
+        raise ValueError("undoing RoPE needs the attention module (ScoringView.module), got None")
+    config = getattr(module, "config", None)
+    if config is None:
+        raise ValueError(f"undoing RoPE needs the attention module's config; {type(module).__name__} has no .config")
+    params = getattr(config, "rope_parameters", None)
+    if not isinstance(params, dict) or "rope_theta" not in params:
+        raise ValueError(
+            f"undoing RoPE needs config.rope_parameters with a rope_theta (one RoPE for every layer); "
+            f"{type(config).__name__} has rope_parameters={params!r}"
+        )
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        inv_freq, scaling = _default_rope_init(module)(config)
+    elif rope_type in ROPE_INIT_FUNCTIONS:
+        extra = {"seq_len": seq_len} if rope_type == "dynamic" else {}
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device, **extra)
+    else:
+        raise ValueError(f"rope_type must be one of {sorted(['default', *ROPE_INIT_FUNCTIONS])}, got {rope_type!r}")
+    return inv_freq.to(device=device, dtype=torch.float32), float(scaling)
+
+
+def unrotate_keys(keys: torch.Tensor, module, start: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Pre-RoPE keys, float32 ``[B, H_kv, N, D]``, from post-RoPE ``keys`` of the same shape.
+
+    The model caches ``a (k cos + rotate_half(k) sin)`` with ``a`` the RoPE's
+    attention factor (1 except YaRN/LongRoPE); the inverse rotation divides by
+    ``a``. Positions are ``start .. start + N - 1``, or ``positions``
+    (``[B, H_kv, N]``) when given. For Qwen3 the result is the key after
+    ``k_norm``, the input of RoPE.
+    """
+    n, d = keys.shape[-2], keys.shape[-1]
+    inv_freq, scaling = rope_frequencies(module, start + n, keys.device)
+    if 2 * inv_freq.numel() != d:
+        raise ValueError(
+            f"partial rotary embeddings are not supported: RoPE rotates {2 * inv_freq.numel()} of {d} head dims"
+        )
+    if positions is None:
+        positions = torch.arange(start, start + n, device=keys.device)
+    # Angles in float32 as the model computes them, so large positions round the same way.
+    freqs = positions.to(keys.device).float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    k = keys.float()
+    return (k * emb.cos() - _rotate_half(k) * emb.sin()) / scaling
+
+
+# --------------------------------------------------------------------------- the two scores
+
+
+def approximate_leverage(keys: torch.Tensor, sketch: torch.Tensor) -> torch.Tensor:
+    """Approximate leverage scores of each head's centred keys: float32 ``[B, H, N]``.
+
+    keys ``[B, H, N, D]``; sketch ``Φ`` ``[D, k]``. The keys are centred over
+    the N tokens, right-sketched to ``X = (K - mean) Φ`` ``[N, k]``, and each
+    row's leverage ``x_j (XᵀX)⁻¹ x_jᵀ`` is read as ``‖x_j W‖²`` with
+    ``W Wᵀ = (XᵀX + ridge)⁻¹`` from a Cholesky factor of the k x k Gram matrix
+    (:func:`curdkv.kernels.leverage.whitening`: unit-diagonal scaling, a ridge
+    of :data:`LEVERAGE_RIDGE`, an eigen-solve if Cholesky fails). The small
+    solve and the row norms run in float64.
+    """
+    x = keys.float()
+    x = x - x.mean(dim=-2, keepdim=True)
+    sketched = (x @ sketch.to(device=x.device, dtype=torch.float32)).double()
+    w = whitening(sketched.transpose(-1, -2) @ sketched, LEVERAGE_RIDGE)
+    return (sketched @ w).square().sum(-1).float()
+
+
+def _chunk_column_sums(q: torch.Tensor, k: torch.Tensor, size: int, scaling: float) -> torch.Tensor:
+    """Column sums of non-causal softmax attention inside consecutive chunks of ``size`` tokens.
+
+    q ``[B, H_kv, G, L, D]``, k ``[B, H_kv, L, D]`` float32 with L a multiple of
+    ``size``; returns ``[B, H_kv, L]`` summed over each chunk's queries and
+    averaged over the G query heads of a group.
+    """
+    b, h_kv, g, length, d = q.shape
+    chunks = length // size
+    qc = q.reshape(b, h_kv, g, chunks, size, d)
+    kc = k.reshape(b, h_kv, chunks, size, d)
+    probs = torch.einsum("bkgcid,bkcjd->bkgcij", qc, kc)
+    if scaling != 1.0:
+        probs.mul_(scaling)
+    probs = probs.softmax(dim=-1)
+    return probs.sum(dim=-2).mean(dim=2).reshape(b, h_kv, length)
+
+
+def non_causal_chunked_attention(
+    queries: torch.Tensor, keys: torch.Tensor, chunk_size: int, scaling: float = 1.0
+) -> torch.Tensor:
+    """Attention each key receives inside its chunk, every query seeing every key: float32 ``[B, H_kv, N]``.
+
+    queries ``[B, H, N, D]`` and keys ``[B, H_kv, N, D]`` are the same N tokens
+    (post-RoPE). Tokens ``0 .. N-1`` are cut into chunks of ``chunk_size`` (the
+    last one shorter); in each chunk, every query attends to every key of the
+    chunk with no causal mask, ``softmax(scaling * q kᵀ)`` over the chunk's
+    keys, and a key's score is the sum over the chunk's queries, averaged over
+    the query heads of its GQA group (query head h reads KV head ``h // G``).
+    """
+    b, h, n, d = queries.shape
+    h_kv = keys.shape[1]
+    if h % h_kv:
+        raise ValueError(f"{h} query heads cannot share {h_kv} KV heads evenly")
+    if queries.shape[2] != keys.shape[2]:
+        raise ValueError(f"queries and keys must be the same tokens, got {queries.shape[2]} and {keys.shape[2]}")
+    group = h // h_kv
+    out = torch.empty(b, h_kv, n, dtype=torch.float32, device=keys.device)
+    per_block = max(1, ATTENTION_BLOCK_ELEMENTS // (b * h * chunk_size * chunk_size))
+    for start in range(0, n, per_block * chunk_size):
+        stop = min(n, start + per_block * chunk_size)
+        q = queries[:, :, start:stop].float().reshape(b, h_kv, group, stop - start, d)
+        k = keys[:, :, start:stop].float()
+        whole = (stop - start) // chunk_size * chunk_size
+        if whole:
+            out[..., start : start + whole] = _chunk_column_sums(q[:, :, :, :whole], k[:, :, :whole], chunk_size, scaling)
+        if start + whole < stop:  # the context's last, shorter chunk: its tokens attend among themselves
+            tail = stop - start - whole
+            out[..., start + whole : stop] = _chunk_column_sums(q[:, :, :, whole:], k[:, :, whole:], tail, scaling)
+    return out
+
+
+def zscore(scores: torch.Tensor, over: str = "head") -> torch.Tensor:
+    """``(s - mean) / std`` per head (``over="head"``) or over all heads of a batch element (``"layer"``).
+
+    The standard deviation is the population one, floored at
+    :data:`ZSCORE_RELATIVE_FLOOR` times the largest magnitude so constant
+    heads give zeros instead of NaN or amplified rounding noise.
+    """
+    check_choice("over", over, NORMALIZATIONS)
+    dims = (-1,) if over == "head" else (-2, -1)
+    centred = scores - scores.mean(dim=dims, keepdim=True)
+    std = centred.square().mean(dim=dims, keepdim=True).sqrt()
+    floor = scores.abs().amax(dim=dims, keepdim=True) * ZSCORE_RELATIVE_FLOOR
+    return centred / torch.maximum(std, floor).clamp_min(torch.finfo(scores.dtype).tiny)
+
+
+# --------------------------------------------------------------------------- the press
+
+
+def _check_float(name: str, value, minimum: float, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= minimum
+    if not ok:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be a finite number >= {minimum}{extra}, got {value!r}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+@dataclass
+class CompactorPress(Press):
+    """Compactor (Chari & Van Durme 2025, "Compactor: Calibrated Query-Agnostic KV
+    Cache Compression with Approximate Leverage Scores", arXiv 2507.08143).
+
+    Each KV head scores its tokens with two query-agnostic signals, each
+    z-scored and blended as ``s = z(a) + blending * z(o)``:
+
+    - ``o``, approximate leverage of the centred pre-RoPE keys (the paper's
+      Algorithm 1): a right Gaussian sketch ``Φ`` ``[D, sketch_dim]`` with
+      entries ``N(0, 1/sketch_dim)`` and leverage of ``(K - mean) Φ`` by a
+      Cholesky solve (:func:`approximate_leverage`). Keys that point in rare
+      directions (outliers of the key space) score high however little they
+      are attended. Pre-RoPE keys come from the cached keys by undoing the
+      model's RoPE (:func:`unrotate_keys`).
+    - ``a``, non-causal chunked attention: the context is cut into chunks of
+      ``chunk_size`` tokens; inside a chunk every query attends to every key
+      (no causal mask) and a key scores the attention its chunk's queries give
+      it, averaged over the GQA group (:func:`non_causal_chunked_attention`),
+      times its value norm ``‖v_j‖``, then mean-pooled over
+      ``pool_kernel`` neighbouring tokens. It needs the queries of every context
+      token (``query_window`` is :data:`~curdkv.presses.base.ALL_QUERIES`).
+
+    The first ``num_sinks`` and last ``num_recent`` tokens are always kept and
+    take no part in either score (nor in its centring, chunks or z-score); the
+    rest of the budget goes to the highest blended scores.
+
+    Defaults: ``blending=0.3``, ``sketch_dim=48``, ``chunk_size=256`` are the
+    paper's stated hyperparameters. ``num_sinks=8``, ``num_recent=4`` are those
+    of the authors' kvpress ``CompactorPress``: the paper's hyperparameters
+    name no protected tokens, and the authors' compactor-vllm engine protects
+    8 or 16 first and 64 last tokens.
+
+    Where this departs from the paper or chooses between its implementations:
+
+    1. Leverage from a Cholesky solve of the sketched Gram matrix instead of
+       its SVD (Algorithm 1 steps 4-5): the same quantity up to the ridge, as
+       in kvpress. The ridge is relative (1e-6 on the unit-scaled Gram
+       matrix) where kvpress adds an absolute 1e-2 jitter and compactor-vllm
+       5e-3, so it does not depend on the keys' scale.
+    2. Keys are centred before the sketch, as both of the authors' codes do
+       (Algorithm 1 as printed does not centre). Centring and leverage span
+       the whole scored context, as kvpress; compactor-vllm computes them in
+       blocks of 512 tokens.
+    3. The value-norm weighting and the width-3 pooling follow kvpress's
+       ``NonCausalAttnPress``; the paper's formula (and compactor-vllm) use the
+       bare column sums: ``value_weighting=False``, ``pool_kernel=1`` give
+       that form. Pooling ignores padding at the ends (kvpress counts it).
+    4. Attention logits are unscaled, ``softmax(Q Kᵀ)``, as in the paper's
+       formula and both of the authors' codes; ``logit_scale="model"`` uses
+       the model's ``1/√d`` instead.
+    5. Z-scores are per KV head (the paper scores each head independently);
+       both of the authors' codes z-score over all heads of a layer at once,
+       which ``normalization="layer"`` reproduces.
+    6. The blend weight defaults to the paper's 0.3; kvpress uses
+       ``blending = compression_ratio`` and compactor-vllm 0.5.
+    7. One sketch, drawn from ``seed``, serves every head and layer (as in
+       compactor-vllm; kvpress draws a fresh, unseeded one per call), so
+       scores repeat exactly.
+    8. The last chunk may be shorter; its tokens attend among themselves (as
+       kvpress; compactor-vllm pads its mass with ``1/C`` per missing query).
+    9. Selection is per KV head (the same number of tokens per head); the
+       paper's top-k over all heads of a layer is ``AdaKV(CompactorPress(...))``.
+    10. Only a first prefill is scored (``view.positions`` must be ``None``):
+        the non-causal attention pairs every cached key with its own token's
+        query, which compression during decoding no longer has.
+
+    The blended scores are z-scores, unitless with mean 0 and spread 1 in
+    every head, and the paper ranks them across the heads of a layer, so
+    ``scores_comparable_across_heads`` is True: AdaKV may rank them jointly
+    (per-head normalisation makes each head's score distribution similar, so
+    head budgets move less than with ``normalization="layer"``).
+
+    Context-calibrated compression (the paper's second contribution) is
+    :meth:`calibrated_ratio`; it needs ``calibration_alpha`` and
+    ``calibration_beta``, the curve fitted for this model and press by
+    :func:`fit_calibration` (no default: the paper fits them per model).
+    """
+
+    sketch_dim: int = 48
+    chunk_size: int = 256
+    blending: float = 0.3
+    num_sinks: int = 8
+    num_recent: int = 4
+    value_weighting: bool = True
+    pool_kernel: int = 3
+    logit_scale: str = "unscaled"
+    normalization: str = "head"
+    seed: int = 0
+    calibration_alpha: float | None = None
+    calibration_beta: float | None = None
+
+    scores_comparable_across_heads = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("sketch_dim", self.sketch_dim, 1)
+        check_int("chunk_size", self.chunk_size, 1)
+        _check_float("blending", self.blending, 0.0)
+        self.blending = float(self.blending)
+        check_int("num_sinks", self.num_sinks, 0)
+        check_int("num_recent", self.num_recent, 0)
+        _check_bool("value_weighting", self.value_weighting)
+        check_int("pool_kernel", self.pool_kernel, 1)
+        if self.pool_kernel % 2 == 0:
+            raise ValueError(f"pool_kernel must be odd so pooling keeps positions aligned, got {self.pool_kernel}")
+        check_choice("logit_scale", self.logit_scale, LOGIT_SCALES)
+        check_choice("normalization", self.normalization, NORMALIZATIONS)
+        check_int("seed", self.seed, 0)
+        _check_float("calibration_alpha", self.calibration_alpha, -math.inf, allow_none=True)
+        _check_float("calibration_beta", self.calibration_beta, -math.inf, allow_none=True)
+        if (self.calibration_alpha is None) != (self.calibration_beta is None):
+            raise ValueError(
+                "calibration_alpha and calibration_beta must be given together (a curve from fit_calibration), "
+                f"got alpha={self.calibration_alpha!r}, beta={self.calibration_beta!r}"
+            )
+        self._sketches: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def protected_sinks(self) -> int:
+        return self.num_sinks
+
+    @property
+    def protected_recent(self) -> int:
+        return self.num_recent
+
+    @property
+    def query_window(self) -> int:
+        return ALL_QUERIES
+
+    def sketch(self, head_dim: int, device) -> torch.Tensor:
+        """The Gaussian sketch ``Φ`` ``[head_dim, sketch_dim]``, entries ``N(0, 1/sketch_dim)``, from ``seed``."""
+        key = (head_dim, str(device))
+        if key not in self._sketches:
+            # Drawn on the CPU so every device gets the same sketch.
+            gen = torch.Generator(device="cpu").manual_seed(self.seed)
+            phi = torch.randn(head_dim, self.sketch_dim, generator=gen) / math.sqrt(self.sketch_dim)
+            self._sketches[key] = phi.to(device)
+        return self._sketches[key]
+
+    def _span(self, n: int) -> tuple[int, int]:
+        start = min(self.num_sinks, n)
+        return start, max(start, n - self.num_recent)
+
+    def _context_queries(self, view: ScoringView) -> torch.Tensor:
+        n = view.seq_len
+        have = 0 if view.queries is None else view.queries.shape[2]
+        if have < n:
+            raise ValueError(
+                f"CompactorPress needs the queries of all {n} context tokens (query_window=ALL_QUERIES), "
+                f"the runtime captured {have}"
+            )
+        return view.queries[:, :, have - n :]
+
+    def leverage(self, view: ScoringView, start: int, stop: int) -> torch.Tensor:
+        """Approximate leverage of the pre-RoPE keys of tokens ``start .. stop - 1``, ``[B, H_kv, stop - start]``."""
+        keys = unrotate_keys(view.keys[:, :, start:stop], view.module, start=start)
+        return approximate_leverage(keys, self.sketch(keys.shape[-1], keys.device))
+
+    def attention(self, view: ScoringView, start: int, stop: int) -> torch.Tensor:
+        """Pooled (value-weighted) non-causal chunked attention of tokens ``start .. stop - 1``."""
+        queries = self._context_queries(view)[:, :, start:stop]
+        scaling = 1.0 if self.logit_scale == "unscaled" else view.scaling
+        scores = non_causal_chunked_attention(queries, view.keys[:, :, start:stop], self.chunk_size, scaling)
+        if self.value_weighting:
+            scores = scores * view.values[:, :, start:stop].float().norm(dim=-1)
+        if self.pool_kernel > 1:
+            pad = self.pool_kernel // 2
+            scores = F.avg_pool1d(scores, self.pool_kernel, stride=1, padding=pad, count_include_pad=False)
+        return scores
+
+    def score(self, view: ScoringView) -> torch.Tensor:
+        if view.positions is not None:
+            raise ValueError(
+                "CompactorPress scores a first prefill only (cached tokens at positions 0 .. N-1): its non-causal "
+                "attention needs each cached token's own query, which compression during decoding does not keep"
+            )
+        n = view.seq_len
+        start, stop = self._span(n)
+        out = torch.zeros(view.keys.shape[:3], dtype=torch.float32, device=view.keys.device)
+        if stop == start:
+            return out  # every token is protected
+        blended = zscore(self.attention(view, start, stop), self.normalization) + self.blending * zscore(
+            self.leverage(view, start, stop), self.normalization
+        )
+        out[..., start:stop] = blended
+        # Protected tokens are kept by selection; give them the top score so the tensor covers all N.
+        top = blended.amax(dim=-1, keepdim=True)
+        out[..., :start] = top
+        out[..., stop:] = top
+        return out
+
+    # ------------------------------------------------------------------ calibration
+
+    @property
+    def calibrates(self) -> bool:  # type: ignore[override]
+        return self.calibration_alpha is not None
+
+    @property
+    def calibration_curve(self) -> CalibrationCurve:
+        if self.calibration_alpha is None:
+            raise ValueError(
+                "CompactorPress chooses its ratio per context only with a fitted curve: set calibration_alpha and "
+                "calibration_beta (from fit_calibration on NLL ratios measured with nll_ratio for this model)"
+            )
+        return CalibrationCurve(self.calibration_alpha, self.calibration_beta)
+
+    def calibrated_ratio(self, capture, tolerance: float) -> float:
+        """The compression ratio for one captured context (:func:`calibrated_ratio` of its NLL).
+
+        The paper's predictor reads the context's NLL, not its keys, values or
+        queries. ``capture`` must carry it as ``context_nll`` (a float or
+        ``[B]`` tensor), or carry ``input_ids`` and ``model`` to compute it
+        (:func:`context_nll`, one more forward pass).
+        """
+        nll = getattr(capture, "context_nll", None)
+        if nll is None:
+            ids, model = getattr(capture, "input_ids", None), getattr(capture, "model", None)
+            if ids is None or model is None:
+                raise ValueError(
+                    "Compactor's calibration predicts the ratio from the context's NLL under the model: the capture "
+                    "needs context_nll (see curdkv.presses.compactor.context_nll), or input_ids and model"
+                )
+            nll = context_nll(model, ids)
+        return calibrated_ratio(self.calibration_curve, nll, tolerance)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def _check_tolerance(tolerance) -> float:
+    ok = not isinstance(tolerance, bool) and isinstance(tolerance, (int, float)) and 0.0 <= tolerance < 1.0
+    if not ok:
+        raise ValueError(
+            f"tolerance must be a float in [0, 1) (the allowed relative loss of the answer's likelihood, "
+            f"1 - tau in the paper; 0.05 for tau = 0.95), got {tolerance!r}"
+        )
+    return float(tolerance)
+
+
+def _curve(retention: torch.Tensor, sharpness: torch.Tensor) -> torch.Tensor:
+    """``expm1(b r) / expm1(b)``, with its Taylor form ``r + b r (r - 1) / 2`` near ``b = 0`` (differentiable)."""
+    b = sharpness.clamp(-MAX_SHARPNESS, MAX_SHARPNESS)
+    small = b.abs() < 1e-4
+    safe = torch.where(small, torch.ones_like(b), b)
+    exact = torch.expm1(safe * retention) / torch.expm1(safe)
+    return torch.where(small, retention + b * retention * (retention - 1) / 2, exact)
+
+
+@dataclass(frozen=True)
+class CalibrationCurve:
+    """The paper's curve of answer-likelihood kept against tokens kept, for one model and press.
+
+    With ``b = alpha * NLL(c) + beta`` (``NLL(c)``: the context's token-averaged
+    negative log-likelihood under the model), the predicted NLL ratio
+    ``NLL(answer | full context) / NLL(answer | context compressed to keep r)``
+    is ``f(r) = (exp(r b - b) - exp(-b)) / (1 - exp(-b)) = expm1(b r) / expm1(b)``:
+    1 when nothing is evicted, 0 for an empty cache, increasing in ``r``. ``b``
+    is clamped to ``±MAX_SHARPNESS``.
+    """
+
+    alpha: float
+    beta: float
+
+    def __post_init__(self) -> None:
+        _check_float("alpha", self.alpha, -math.inf)
+        _check_float("beta", self.beta, -math.inf)
+
+    def sharpness(self, context_nll: float) -> float:
+        return min(max(self.alpha * float(context_nll) + self.beta, -MAX_SHARPNESS), MAX_SHARPNESS)
+
+    def quality(self, retention: float, context_nll: float) -> float:
+        """Predicted NLL ratio when a fraction ``retention`` of the tokens is kept."""
+        if isinstance(retention, bool) or not isinstance(retention, (int, float)) or not 0.0 <= retention <= 1.0:
+            raise ValueError(f"retention must be a float in [0, 1], got {retention!r}")
+        b = torch.tensor(self.sharpness(context_nll), dtype=torch.float64)
+        return float(_curve(torch.tensor(float(retention), dtype=torch.float64), b))
+
+    def retention(self, context_nll: float, tolerance: float) -> float:
+        """The smallest fraction of tokens kept whose predicted NLL ratio is at least ``1 - tolerance``.
+
+        The curve inverted in closed form: ``r = log1p(tau expm1(b)) / b`` with
+        ``tau = 1 - tolerance``.
+        """
+        tolerance = _check_tolerance(tolerance)
+        if tolerance == 0.0:
+            return 1.0
+        tau, b = 1.0 - tolerance, self.sharpness(context_nll)
+        if abs(b) < 1e-12:
+            r = tau
+        elif b > 0:
+            r = math.log1p(tau * math.expm1(b)) / b
+        else:  # log(1 + tau expm1(b)) = log(tolerance + tau exp(b)): two positive terms, no cancellation
+            r = math.log(tolerance + tau * math.exp(b)) / b
+        return min(max(r, 0.0), 1.0)
+
+
+def _finite_nlls(context_nll) -> torch.Tensor:
+    nlls = torch.as_tensor(context_nll, dtype=torch.float64).detach().flatten().cpu()
+    if nlls.numel() == 0 or not bool(torch.isfinite(nlls).all()):
+        raise ValueError(f"context_nll must be one or more finite numbers, got {context_nll!r}")
+    return nlls
+
+
+def calibrated_ratio(curve: CalibrationCurve, context_nll, tolerance: float = 0.05) -> float:
+    """The paper's context-calibrated compression ratio, in ``[0, 1)``.
+
+    ``1 - r*`` with ``r*`` the smallest fraction of tokens kept whose predicted
+    NLL ratio (:class:`CalibrationCurve`) is at least ``1 - tolerance``. The
+    paper's budgets are tau = 0.95 (Llama 3.1) and 0.90 (Qwen 2.5), i.e.
+    ``tolerance`` 0.05 and 0.10. ``context_nll`` is a float or a tensor of one
+    NLL per batch element; a batch, compressed at one ratio, gets its most
+    cautious element's ratio (the largest ``r*``).
+    """
+    if not isinstance(curve, CalibrationCurve):
+        raise ValueError(f"curve must be a CalibrationCurve (from fit_calibration), got {type(curve).__name__}")
+    tolerance = _check_tolerance(tolerance)
+    keep = max(curve.retention(float(x), tolerance) for x in _finite_nlls(context_nll))
+    # A ratio of exactly 1 would keep nothing; the runtime keeps at least one token anyway.
+    return min(1.0 - keep, math.nextafter(1.0, 0.0))
+
+
+def fit_calibration(retention, context_nll, quality_ratio, underestimate_weight: float = 4.0) -> CalibrationCurve:
+    """Fit ``alpha, beta`` of :class:`CalibrationCurve` to measured ``(r, NLL(c), y)`` triples.
+
+    ``y`` is the NLL ratio of a true answer measured at retention ``r``
+    (:func:`nll_ratio`). Least squares, weighted by ``underestimate_weight``
+    where the curve predicts a better ratio than measured: there the curve
+    would keep too few tokens, the costlier error (the paper's asymmetric
+    MSE; the default weight of 4 is this library's, the paper's is not
+    reproduced here). A grid over a constant ``b`` starts L-BFGS over both
+    parameters, in float64.
+    """
+    r, nll, y = (torch.as_tensor(v, dtype=torch.float64).detach().flatten().cpu()
+                 for v in (retention, context_nll, quality_ratio))
+    if not (r.numel() == nll.numel() == y.numel() >= 2):
+        raise ValueError(
+            f"retention, context_nll and quality_ratio must be equally long with at least 2 triples, "
+            f"got {r.numel()}, {nll.numel()}, {y.numel()}"
+        )
+    for name, v in (("retention", r), ("context_nll", nll), ("quality_ratio", y)):
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{name} must be finite numbers")
+    if bool(((r < 0) | (r > 1)).any()):
+        raise ValueError("retention must be in [0, 1]")
+    _check_float("underestimate_weight", underestimate_weight, 1.0)
+    centre = float(nll.mean())  # b = alpha (nll - centre) + beta' keeps the two parameters decoupled
+
+    def loss(params: torch.Tensor) -> torch.Tensor:
+        residual = _curve(r, params[0] * (nll - centre) + params[1]) - y
+        weight = torch.where(residual > 0, float(underestimate_weight), 1.0)
+        return (weight * residual.square()).mean()
+
+    grid = torch.linspace(-MAX_SHARPNESS, MAX_SHARPNESS, 481, dtype=torch.float64)
+    start = min(grid, key=lambda b: float(loss(torch.stack([torch.zeros((), dtype=torch.float64), b]))))
+    params = torch.tensor([0.0, float(start)], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [params], lr=1.0, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        optimizer.zero_grad()
+        value = loss(params)
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    alpha, shifted = (float(p) for p in params.detach())
+    return CalibrationCurve(alpha, shifted - alpha * centre)
+
+
+def _check_ids(name: str, ids, batch: int | None = None) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty [batch, seq_len] tensor of token ids")
+    if batch is not None and ids.shape[0] != batch:
+        raise ValueError(f"{name} must have the batch size {batch} of the context, got {ids.shape[0]}")
+
+
+def _token_nll_sums(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Summed NLL of ``targets`` ``[B, T]`` from the final hidden states ``[B, T, d]`` predicting them."""
+    head = model.get_output_embeddings()
+    total = torch.zeros(targets.shape[0], dtype=torch.float64, device=targets.device)
+    # The logits of a long context would not fit at once (N x vocabulary); a block at a time.
+    for s in range(0, targets.shape[1], chunk):
+        logits = head(hidden[:, s : s + chunk]).float()
+        nll = F.cross_entropy(logits.transpose(1, 2), targets[:, s : s + chunk], reduction="none")
+        total += nll.double().sum(-1)
+    return total
+
+
+@torch.no_grad()
+def context_nll_from_hidden(model, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Token-averaged NLL of each context, float64 ``[B]``, from the decoder's final hidden states.
+
+    ``hidden`` ``[B, N, d]``: the output of ``model.get_decoder()`` (after its
+    final norm) for ``input_ids`` ``[B, N]``, e.g. caught by a forward hook
+    during the one prefill, so the NLL costs no second pass and the N x
+    vocabulary logits never exist at once (they go through the LM head a
+    block at a time).
+    """
+    _check_ids("input_ids", input_ids)
+    if input_ids.shape[1] < 2:
+        raise ValueError("the context NLL needs at least 2 tokens (the first one is never predicted)")
+    if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(input_ids.shape):
+        raise ValueError(f"hidden must be [B, N, d] for input_ids {tuple(input_ids.shape)}, got {tuple(hidden.shape)}")
+    return _token_nll_sums(model, hidden[:, :-1], input_ids[:, 1:]) / (input_ids.shape[1] - 1)
+
+
+@torch.no_grad()
+def context_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Token-averaged NLL of each context under ``model``: float64 ``[B]`` (the paper's ``NLL(c)``).
+
+    One forward pass of the decoder without cache; each token after the first
+    is predicted from those before it, as in the model's own LM loss.
+    """
+    _check_ids("input_ids", input_ids)
+    if input_ids.shape[1] < 2:
+        raise ValueError("the context NLL needs at least 2 tokens (the first one is never predicted)")
+    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    return context_nll_from_hidden(model, hidden, input_ids)
+
+
+def _answer_nll(model, press, context_ids, follow_ids, answer_len: int) -> torch.Tensor:
+    from ..cache import CompressedCache
+    from ..runtime import compress
+
+    cache = CompressedCache()
+    with compress(model, press) if press is not None else contextlib.nullcontext():
+        first = model(input_ids=context_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    rest = model(input_ids=follow_ids, past_key_values=cache, use_cache=True).logits[:, :-1]
+    logits = torch.cat([first[:, None], rest], dim=1)[:, -answer_len:].float()
+    return F.cross_entropy(logits.transpose(1, 2), follow_ids[:, -answer_len:], reduction="none").double().mean()
+
+
+@torch.no_grad()
+def nll_ratio(model, press: Press, context_ids: torch.Tensor, answer_ids: torch.Tensor, query_ids=None) -> float:
+    """The paper's ``g(r, q, c) = NLL(answer | q, c) / NLL(answer | q, c compressed by press)``.
+
+    The context is prefilled (and compressed by ``press``), then the query
+    (optional, never compressed) and the answer are fed after it; only the
+    answer's tokens are scored, averaged over tokens and batch. This measures
+    the training triples of :func:`fit_calibration`.
+    """
+    if not isinstance(press, Press):
+        raise ValueError(f"press must be a curdkv Press, got {type(press).__name__}")
+    _check_ids("context_ids", context_ids)
+    _check_ids("answer_ids", answer_ids, context_ids.shape[0])
+    follow = answer_ids
+    if query_ids is not None:
+        _check_ids("query_ids", query_ids, context_ids.shape[0])
+        follow = torch.cat([query_ids, answer_ids], dim=1)
+    full = _answer_nll(model, None, context_ids, follow, answer_ids.shape[1])
+    compressed = _answer_nll(model, press, context_ids, follow, answer_ids.shape[1])
+    return float(full / compressed)
