@@ -623,8 +623,10 @@ def test_press_calibrates_from_a_capture_on_a_tiny_model():
     assert chosen == [calibrated_ratio(curve, nll, t) for t in (0.001, 0.01, 0.05, 0.2, 0.5)]
     # Without a recorded NLL, the capture's ids and model give the same ratio (one more forward pass).
     assert press.calibrated_ratio(SimpleNamespace(input_ids=ids, model=model), 0.05) == chosen[2]
-    # The runtime's capture holds neither the NLL nor the ids: the error says what is missing.
+    # The runtime's capture keeps the ids and the model: the same ratio from it.
+    assert press.calibrated_ratio(curdkv.capture_prefill(model, ids, query_window=ALL_QUERIES), 0.05) == chosen[2]
+    # Without either, the error says what is missing.
     with pytest.raises(ValueError, match="context_nll"):
-        press.calibrated_ratio(curdkv.capture_prefill(model, ids, query_window=ALL_QUERIES), 0.05)
+        press.calibrated_ratio(SimpleNamespace(model=model), 0.05)
     with pytest.raises(ValueError, match="fitted curve"):
         CompactorPress(0.0).calibrated_ratio(SimpleNamespace(context_nll=nll), 0.05)

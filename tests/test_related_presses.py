@@ -171,7 +171,8 @@ def test_lava_is_ragged_and_saves_the_uniform_memory(tiny_models):
 
 
 def test_lookahead_attention_masks_window_causally_and_pseudo_not_at_all():
-    view = _view(n=20, d=4, h_kv=1, group=1, w=3 + 2)
+    base = _view(n=20, d=4, h_kv=1, group=1, w=3 + 2)
+    view = ScoringView(base.keys, base.values, base.queries[:, :, :3], None, 0, pseudo_queries=base.queries[:, :, 3:])
     press = LookaheadQCachePress(window_size=3, lookahead_tokens=2, kernel_size=1)
     from curdkv.presses.lookahead_qcache import lookahead_attention
 
@@ -219,6 +220,33 @@ def test_lookahead_same_cache_in_both_paths(tiny_models):
 
 
 def test_lookahead_without_pseudo_queries_is_a_clear_error():
-    view = _view(n=50, w=8)
-    with pytest.raises(ValueError, match="pseudo queries"):
+    # Enough window queries to be mistaken for window + pseudo: still refused.
+    view = _view(n=50, w=16)
+    with pytest.raises(ValueError, match="needs 4 pseudo queries, got 0"):
         LookaheadQCachePress(window_size=8, lookahead_tokens=4).score(view)
+
+
+def test_sweep_reuses_scores_across_ratios_except_lookahead(tiny_models):
+    model = tiny_models("tiny-llama", torch.float32)
+    ids = torch.randint(3, 200, (1, 160), generator=torch.Generator().manual_seed(6))
+    capture = curdkv.capture_prefill(model, ids, query_window=64)
+    calls = []
+    snap = SnapKVPress(compression_ratio=0.3)
+    original = SnapKVPress.score
+    SnapKVPress.score = lambda self, view: calls.append(1) or original(self, view)
+    try:
+        first = capture.build_cache(snap, "dense")
+        second = capture.build_cache(snap.with_ratio(0.6), "dense")
+    finally:
+        SnapKVPress.score = original
+    layers = model.config.num_hidden_layers
+    assert len(calls) == layers  # scored once for both ratios
+    fresh = curdkv.capture_prefill(model, ids, query_window=64).build_cache(snap.with_ratio(0.6), "dense")
+    for a, b in zip(second.layers, fresh.layers):
+        assert torch.equal(a.keys, b.keys)
+    assert first.layers[0].stored_length > second.layers[0].stored_length
+    # Lookahead's pseudo queries come from a cache compressed at its ratio: scored again.
+    la = LookaheadQCachePress(compression_ratio=0.3)
+    s1 = capture.scores(la, capture.window_queries(la))
+    s2 = capture.scores(la.with_ratio(0.8), capture.window_queries(la))
+    assert not all(torch.equal(a, b) for a, b in zip(s1, s2))

@@ -201,7 +201,8 @@ def greedy_by_hand(model, ids: torch.Tensor, cache: CompressedCache, steps: int)
     return tokens
 
 
-@pytest.mark.parametrize("press_name", PRESS_NAMES)
+# Lookahead Q-Cache scores with pseudo queries the hand path does not decode (its own tests check them).
+@pytest.mark.parametrize("press_name", [p for p in PRESS_NAMES if p != "lookahead"])
 def test_generation_equals_hand_gathered_cache(model, press_name):
     press = make_press(press_name)
     ids = random_ids(220, seed=3)
@@ -273,8 +274,7 @@ def test_dtypes_compress_and_generate(arch, tiny_models, press_name, dtype_name)
     ids = random_ids(160, seed=6)
 
     cap = curdkv.capture_prefill(model, ids, query_window=press.query_window)
-    q = cap.queries[0][:, :, -press.query_window :] if press.query_window else None
-    scores = press.score(ScoringView(cap.keys[0], cap.values[0], q, model.model.layers[0].self_attn, 0))
+    scores = cap.scores(press, cap.window_queries(press))[0]
     assert scores.dtype == torch.float32
     assert not torch.isnan(scores).any()
 

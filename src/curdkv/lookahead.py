@@ -40,9 +40,3 @@ def pseudo_queries(capture, press: Press) -> list[torch.Tensor]:
             out = model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
             ids = out.logits[:, -1:].argmax(-1)
     return [recorder.queries[i] for i in range(capture.num_layers)]
-
-
-def with_pseudo_queries(capture, press: Press, window: list[torch.Tensor | None]) -> list[torch.Tensor]:
-    """Each layer's window queries followed by its pseudo queries, ``[B, H, W + m, D]``."""
-    pseudo = pseudo_queries(capture, press)
-    return [p if w is None else torch.cat([w, p.to(w.dtype)], dim=2) for w, p in zip(window, pseudo)]

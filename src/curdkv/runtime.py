@@ -69,9 +69,12 @@ def num_layers(module) -> int:
     return int(getattr(getattr(module, "config", None), "num_hidden_layers", 1) or 1)
 
 
-def layer_scores(press: Press, keys, values, queries, module, layer_idx: int, positions=None) -> torch.Tensor:
+def layer_scores(
+    press: Press, keys, values, queries, module, layer_idx: int, positions=None, pseudo_queries=None
+) -> torch.Tensor:
     """The press's scores ``[B, H_kv, N]`` for one layer, shape-checked."""
-    view = ScoringView(keys=keys, values=values, queries=queries, module=module, layer_idx=layer_idx, positions=positions)
+    view = ScoringView(keys=keys, values=values, queries=queries, module=module, layer_idx=layer_idx,
+                       positions=positions, pseudo_queries=pseudo_queries)
     scores = press.score(view)
     if tuple(scores.shape) != tuple(keys.shape[:3]):
         raise ValueError(
@@ -312,6 +315,9 @@ class PrefillCapture:
         self.modules = modules
         self.seq_len = seq_len
         self.model, self.next_token, self.input_ids = model, next_token, input_ids
+        # Scores of presses whose scores do not depend on the ratio, per (press at ratio 0, layer):
+        # a sweep over ratios scores each press once.
+        self._scores: dict[tuple[str, int], torch.Tensor] = {}
 
     @property
     def num_layers(self) -> int:
@@ -347,25 +353,36 @@ class PrefillCapture:
             )
         check_press(press)
         queries = self.window_queries(press)
-        if press.lookahead_tokens:
-            from .lookahead import with_pseudo_queries
-
-            queries = with_pseudo_queries(self, press, queries)
-        if not press.needs_full_prefill:
-            return CompressedCache.from_layers([
-                compress_layer(press, k, v, q, m, i, layout)
-                for i, (k, v, q, m) in enumerate(zip(self.keys, self.values, queries, self.modules))
-            ])
-        # Budgets across layers need every layer's scores before any layer is cut.
-        scores = [
-            layer_scores(press, k, v, q, m, i)
-            for i, (k, v, q, m) in enumerate(zip(self.keys, self.values, queries, self.modules))
-        ]
-        keeps = press.layer_keeps(scores, self.seq_len)
+        if press.needs_full_prefill:
+            # Budgets across layers need every layer's scores before any layer is cut.
+            scores = self.scores(press, queries)
+            keeps = press.layer_keeps(scores, self.seq_len)
+        else:
+            keeps = [press.layer_keep(self.seq_len, i, self.num_layers) for i in range(self.num_layers)]
+            nothing_evicted = all(k >= self.seq_len for k in keeps)
+            scores = [None] * self.num_layers if nothing_evicted else self.scores(press, queries)
         return CompressedCache.from_layers([
             compress_layer(press, k, v, q, m, i, layout, scores=s, n_keep=n_keep)
             for i, (k, v, q, m, s, n_keep) in enumerate(zip(self.keys, self.values, queries, self.modules, scores, keeps))
         ])
+
+    def scores(self, press: Press, queries: list) -> list[torch.Tensor]:
+        """Every layer's scores for ``press``, reused across ratios where they do not depend on the ratio."""
+        key = None if press.scores_depend_on_ratio else press.with_ratio(0.0).describe()
+        if key is not None and (key, 0) in self._scores:
+            return [self._scores[(key, i)] for i in range(self.num_layers)]
+        pseudo = [None] * self.num_layers
+        if press.lookahead_tokens:
+            from .lookahead import pseudo_queries
+
+            pseudo = pseudo_queries(self, press)
+        out = [
+            layer_scores(press, k, v, q, m, i, pseudo_queries=p)
+            for i, (k, v, q, m, p) in enumerate(zip(self.keys, self.values, queries, self.modules, pseudo))
+        ]
+        if key is not None:
+            self._scores.update({(key, i): s for i, s in enumerate(out)})
+        return out
 
 
 @torch.no_grad()

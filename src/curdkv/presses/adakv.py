@@ -81,6 +81,10 @@ class AdaKV(Press):
     def lookahead_tokens(self) -> int:
         return self.press.lookahead_tokens
 
+    @property
+    def scores_depend_on_ratio(self) -> bool:  # type: ignore[override]
+        return self.press.scores_depend_on_ratio
+
     def score(self, view: ScoringView):
         return self.press.score(view)
 

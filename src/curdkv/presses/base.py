@@ -24,9 +24,10 @@ class ScoringView:
     keys, values: ``[B, H_kv, N, D]`` post-RoPE, as cached by the model.
     queries: ``[B, H, W, D]`` post-RoPE queries of the last ``W`` context
         tokens (the observation window), or ``None`` when no press asked for them.
-        A press with lookahead tokens gets the window followed by its pseudo queries.
     module: the attention module (for ``o_proj``, head counts, scaling).
     layer_idx: index of the layer in the model.
+    pseudo_queries: ``[B, H, m, D]`` queries of ``m`` tokens decoded after the
+        context (Lookahead Q-Cache), for presses with ``lookahead_tokens``; else ``None``.
     positions: ``[B, H_kv, N]`` RoPE positions of the cached tokens, or
         ``None`` when they are ``0 .. N-1`` (a first prefill). Compression during
         decoding scores caches whose earlier tokens were already evicted.
@@ -38,6 +39,7 @@ class ScoringView:
     module: nn.Module | None
     layer_idx: int
     positions: torch.Tensor | None = None
+    pseudo_queries: torch.Tensor | None = None
 
     @property
     def seq_len(self) -> int:
@@ -142,6 +144,10 @@ class Press:
         budgets across layers from the scores (LAVa) override it.
         """
         return [self.layer_keep(seq_len, i, len(scores)) for i in range(len(scores))]
+
+    # Whether scores change with compression_ratio (Lookahead Q-Cache decodes its pseudo
+    # queries from a cache compressed at that ratio). Sweeps reuse the others' scores across ratios.
+    scores_depend_on_ratio = False
 
     # Presses that can choose their compression ratio for each context (Compactor).
     calibrates = False

@@ -21,13 +21,17 @@ def lookahead_attention(view: ScoringView, window: int, lookahead: int) -> torch
     ``N - W + i`` and sees keys up to it; pseudo queries come after the
     context and see every key.
     """
-    if view.queries is None or view.queries.shape[2] != window + lookahead:
-        have = 0 if view.queries is None else view.queries.shape[2]
+    pseudo = view.pseudo_queries
+    if pseudo is None or pseudo.shape[2] != lookahead:
         raise ValueError(
-            f"the press needs {window} window queries and {lookahead} pseudo queries, got {have} queries "
+            f"the press needs {lookahead} pseudo queries, got {0 if pseudo is None else pseudo.shape[2]} "
             "(compress with curdkv.compress / curdkv.prefill or PrefillCapture.build_cache, which decode them)"
         )
-    q = view.queries.float()
+    have = 0 if view.queries is None else view.queries.shape[2]
+    if have < window:
+        raise ValueError(f"the press needs the last {window} context queries, the runtime captured {have}")
+    window_q = view.queries[:, :, have - window :] if window else view.queries[:, :, :0]
+    q = torch.cat([window_q, pseudo.to(window_q.dtype)], dim=2).float()
     k = view.keys.float()
     b, h, rows, d = q.shape
     h_kv, n = k.shape[1], k.shape[2]
@@ -73,6 +77,7 @@ class LookaheadQCachePress(Press):
     kernel_size: int = 7
 
     scores_comparable_across_heads = True
+    scores_depend_on_ratio = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -103,13 +108,7 @@ class LookaheadQCachePress(Press):
         n, w = view.seq_len, self.window_size
         if n <= w:
             raise ValueError(f"Lookahead Q-Cache needs a context longer than window_size={w}, got {n} tokens")
-        m = self.lookahead_tokens
-        if view.queries is not None and view.queries.shape[2] >= w + m:
-            # The runtime hands the recorded window (which may be longer) followed by the pseudo queries.
-            queries = torch.cat([view.queries[:, :, : -m][:, :, view.queries.shape[2] - m - w :],
-                                 view.queries[:, :, -m:]], dim=2)
-            view = ScoringView(view.keys, view.values, queries, view.module, view.layer_idx, view.positions)
-        attn = lookahead_attention(view, w, m)[..., : n - w].sum(2)  # [B, H, N - W]
+        attn = lookahead_attention(view, w, self.lookahead_tokens)[..., : n - w].sum(2)  # [B, H, N - W]
         pad = self.kernel_size // 2
         pooled = F.max_pool1d(attn, self.kernel_size, stride=1, padding=pad)
         b, h = pooled.shape[:2]
