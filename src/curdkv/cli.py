@@ -30,7 +30,8 @@ def _presses(text: str) -> tuple[str, ...]:
         if spec.lower() == "full":
             continue
         try:
-            parse_press_spec(spec)
+            # A calibrated configuration is labelled PRESS@calibrated:TOL in a run's records.
+            parse_press_spec(spec.split("@calibrated:")[0])
         except ValueError as error:
             raise argparse.ArgumentTypeError(f"--presses: {error}")
     return tuple("full" if s.lower() == "full" else s for s in specs)
@@ -147,6 +148,9 @@ def _add_eval(sub) -> None:
     rep.add_argument("run", help="the run folder")
     rep.add_argument("--presses", type=_presses, default=None, help="press specs to keep (default all)")
     rep.add_argument("--ratios", type=_eval_ratios, default=None, help="ratios to keep (default all)")
+    rep.add_argument("--samples", type=_positive, default=None,
+                     help="keep each task's first N samples, so configurations run on different numbers compare "
+                          "on the same samples (default all)")
     rep.add_argument("--out", default=None, help="where to write (default: the run folder)")
 
 
@@ -157,7 +161,7 @@ def _run_eval(args) -> int:
     from .eval.sweep import sweep_configs
 
     if args.bench == "report":
-        rows = report(args.run, args.out, args.presses, args.ratios)
+        rows = report(args.run, args.out, args.presses, args.ratios, args.samples)
         print(results_table(rows))
         return 0
     configs = sweep_configs(args.presses, args.ratios, args.extra)

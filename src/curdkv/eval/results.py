@@ -141,26 +141,35 @@ def plot_average_vs_ratio(rows: list[dict], path, tasks: list[str] | None = None
             calibrated[r["press"]].append((r["compression_ratio"], r["score"]))
         else:
             by_press[r["press"]][r["compression_ratio"]].append(r["score"])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     full = by_press.pop("full", None)
-    for press, points in by_press.items():
+    many = len(by_press) + len(calibrated) > 8
+    fig, ax = plt.subplots(figsize=(10 if many else 7, 4.5))
+    # More lines than the default ten colours: tab20, and markers that differ too.
+    colours = plt.get_cmap("tab20").colors
+    markers = "osD^vP*Xh<>p"
+    for i, (press, points) in enumerate(by_press.items()):
         xs = sorted(points)
         ys = [sum(points[x]) / len(points[x]) for x in xs]
         if full:
             xs, ys = [0.0] + xs, [sum(full[0.0]) / len(full[0.0])] + ys
-        ax.plot([100 * x for x in xs], ys, marker="o", label=press)
+        ax.plot([100 * x for x in xs], ys, marker=markers[i % len(markers)], color=colours[i % len(colours)],
+                 label=press)
     for press, points in calibrated.items():
         # One point: the mean ratio it chose and its mean score.
         x = sum(p[0] for p in points) / len(points)
         y = sum(p[1] for p in points) / len(points)
-        ax.plot([100 * x], [y], marker="*", markersize=12, linestyle="none", label=press)
+        ax.plot([100 * x], [y], marker="*", markersize=14, linestyle="none", color="black",
+                label=press if len(press) <= 40 else press.split(":")[0] + " @" + press.rsplit("@", 1)[-1])
     if full:
         ax.axhline(sum(full[0.0]) / len(full[0.0]), color="black", linestyle="--", linewidth=1, label="full cache")
     ax.set_xlabel("compression ratio (% of context tokens removed)")
     ax.set_ylabel("average score")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if many:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -131,12 +131,14 @@ def run_eval(
     return write_outputs(read_predictions(out_dir), out_dir, family.averages, f"{family.name} on {model_name}")
 
 
-def report(run_dir, out_dir=None, presses=None, ratios=None) -> list[dict]:
+def report(run_dir, out_dir=None, presses=None, ratios=None, samples: int | None = None) -> list[dict]:
     """Re-render a run's outputs for a subset of its configurations (the full cache is always kept).
 
     ``presses``: press specs to keep (all by default), as labelled in the
     run (a calibrated press is ``PRESS@calibrated:TOL``); ``ratios``: fixed compression
-    ratios to keep (calibrated presses are kept whatever their ratio). Writes summary.csv, results.md and the plot to
+    ratios to keep (calibrated presses are kept whatever their ratio); ``samples``:
+    keep each task's first ``samples`` samples (compare configurations that
+    ran on different numbers of samples on the same ones). Writes summary.csv, results.md and the plot to
     ``out_dir`` (default: ``run_dir``) and returns the summary rows.
     """
     run_dir = Path(run_dir)
@@ -147,6 +149,8 @@ def report(run_dir, out_dir=None, presses=None, ratios=None) -> list[dict]:
     records = read_predictions(run_dir)
     keep_press = set(presses) if presses else None
     keep_ratio = {round(float(r), 6) for r in ratios if not isinstance(r, str)} if ratios else None
+    if samples is not None:
+        records = [r for r in records if r["index"] < samples]
     chosen = [
         r for r in records
         if r["press"] == "full" or (
