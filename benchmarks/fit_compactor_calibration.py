@@ -5,7 +5,7 @@ prefilled once; its token-averaged NLL comes from the same pass (a hook on
 the decoder's output). For each retention ``r`` the cache is compressed by
 Compactor to keep ``r`` of the tokens, and the NLL of the reference answer
 after the question is measured; ``y = NLL(answer | full) / NLL(answer | r)``.
-:func:`curdkv.presses.compactor.fit_calibration` fits ``alpha, beta`` to the
+:func:`curdkv.presses.calibration.fit_calibration` fits ``alpha, beta`` to the
 ``(r, NLL(c), y)`` triples. The result is what
 ``compactor:calibration_alpha=A:calibration_beta=B`` takes, with
 ``--ratios calibrated:TOL`` in ``curdkv eval``.
@@ -28,7 +28,7 @@ from curdkv.context import encode_context, encode_question
 from curdkv.environment import environment
 from curdkv.eval.sample import read_samples
 from curdkv.presses import CompactorPress
-from curdkv.presses.compactor import context_nll_from_hidden, fit_calibration
+from curdkv.presses.calibration import context_nll_from_hidden, fit_calibration
 
 RETENTIONS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 

@@ -21,7 +21,6 @@ import time
 import torch
 
 import curdkv
-from curdkv.context import encode_context
 from curdkv.environment import environment
 from curdkv.presses import get_press
 from curdkv.runtime import attention_modules

@@ -21,15 +21,17 @@ from curdkv.models import random_config
 from curdkv.presses import AdaKV, ScoringView
 from curdkv.presses import compactor as compactor_module
 from curdkv.presses.base import ALL_QUERIES
-from curdkv.presses.compactor import (
+from curdkv.presses.calibration import (
     CalibrationCurve,
-    CompactorPress,
-    approximate_leverage,
     calibrated_ratio,
     context_nll,
     context_nll_from_hidden,
     fit_calibration,
     nll_ratio,
+)
+from curdkv.presses.compactor import (
+    CompactorPress,
+    approximate_leverage,
     non_causal_chunked_attention,
     unrotate_keys,
     zscore,

@@ -67,6 +67,53 @@ def test_sweep_configs_full_first_extras_deduplicated():
         sweep_configs(["curdkv"], [0.5], [(["curdkv:leverage=nope"], [0.5])])
 
 
+CAL = "compactor:calibration_alpha=0.5:calibration_beta=-2.0"
+
+
+def test_calibrated_ratios_parse_and_refuse_presses_that_cannot_calibrate():
+    configs = sweep_configs([CAL], ["calibrated:0.1", 0.5])
+    assert configs[1] == Config(CAL, 0.0, 0.1) and configs[1].label == CAL + "@calibrated:0.1"
+    assert configs[2] == Config(CAL, 0.5)
+    for bad in ("calibrated:0", "calibrated:1.5", "calibrated:x", "calibrate:0.1"):
+        with pytest.raises(ValueError, match="ratios"):
+            sweep_configs([CAL], [bad])
+    with pytest.raises(ValueError, match="cannot choose its ratio per context"):
+        sweep_configs(["snapkv"], ["calibrated:0.1"])
+    with pytest.raises(ValueError, match="cannot choose its ratio per context"):
+        sweep_configs(["compactor"], ["calibrated:0.1"])  # no fitted curve
+
+
+def test_calibrated_config_chooses_ratio_from_the_capture(tiny_models):
+    from curdkv.presses.calibration import CalibrationCurve, calibrated_ratio, context_nll
+
+    model = tiny_models("tiny-llama", torch.float32)
+    ids = torch.randint(3, 200, (1, 150), generator=torch.Generator().manual_seed(0))
+    capture = curdkv.capture_prefill(model, ids, query_window=curdkv.presses.base.ALL_QUERIES)
+    press = Config(CAL, 0.0, 0.1).build_for(capture)
+    expected = calibrated_ratio(CalibrationCurve(0.5, -2.0), context_nll(model, ids), 0.1)
+    assert press.compression_ratio == pytest.approx(expected) and 0.0 < expected < 1.0
+
+
+def test_summary_has_one_row_per_calibrated_press_with_the_mean_ratio():
+    from curdkv.eval.results import results_table, summarize
+
+    label = CAL + "@calibrated:0.1"
+    records = [
+        {"model": "m", "task": "t", "length": 0, "index": i, "press": "full", "compression_ratio": 0.0,
+         "prediction": "a", "score": 100.0} for i in range(2)
+    ] + [
+        {"model": "m", "task": "t", "length": 0, "index": i, "press": label, "compression_ratio": r,
+         "prediction": p, "score": s, "calibration_tolerance": 0.1}
+        for i, (r, p, s) in enumerate([(0.2, "a", 100.0), (0.6, "b", 0.0)])
+    ]
+    rows = summarize(records)
+    cal = [r for r in rows if r["press"] == label]
+    assert len(cal) == 1
+    assert cal[0]["compression_ratio"] == pytest.approx(0.4) and cal[0]["score"] == 50.0
+    assert cal[0]["calibrated"] == 0.1 and cal[0]["fidelity"] == 50.0
+    assert "mean ratio 40%" in results_table(rows)
+
+
 # ------------------------------------------------------------------------------- sweep vs a plain loop
 
 

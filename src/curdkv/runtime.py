@@ -23,7 +23,7 @@ from .attention import QueryRecorder, recording_queries, using_curdkv_attention
 from .cache import CompressedCache, CompressedLayer
 from .presses.base import ALL_QUERIES, Press, ScoringView, check_choice
 from .ragged_layer import MaskedLayer, RaggedLayer
-from .selection import NaNScores, gather_tokens, kept_count, select_adaptive, select_uniform
+from .selection import NaNScores, gather_tokens, select_adaptive, select_uniform
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 

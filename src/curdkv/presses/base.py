@@ -74,6 +74,16 @@ def check_int(name: str, value, minimum: int, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}{extra}, got {value!r}")
 
 
+def check_float(name: str, value, minimum: float, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= minimum
+    if not ok:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be a finite number >= {minimum}{extra}, got {value!r}")
+
+
+
 @dataclass
 class Press:
     """Base class of every scoring rule.

@@ -1,13 +1,11 @@
 """Compactor: approximate key leverage blended with non-causal chunked attention.
 
-Also the paper's context-calibrated compression: choosing, for each context,
-the largest compression ratio whose predicted loss of answer likelihood stays
-within a tolerance (:class:`CalibrationCurve`, :func:`calibrated_ratio`).
+The paper's context-calibrated compression (the ratio chosen per context from
+a tolerance) is in :mod:`curdkv.presses.calibration`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 from dataclasses import dataclass
@@ -17,7 +15,8 @@ import torch.nn.functional as F
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ..kernels.leverage import whitening
-from .base import ALL_QUERIES, Press, ScoringView, check_choice, check_int
+from .base import ALL_QUERIES, Press, ScoringView, check_choice, check_float, check_int
+from .calibration import CalibrationCurve, calibrated_ratio, context_nll
 
 NORMALIZATIONS = ("head", "layer")
 LOGIT_SCALES = ("unscaled", "model")
@@ -32,9 +31,6 @@ ATTENTION_BLOCK_ELEMENTS = 1 << 26
 # A z-score divides by max(std, this * max|score|): a head whose scores differ only by
 # float rounding (constant keys) gets z-scores near 0, not amplified rounding noise.
 ZSCORE_RELATIVE_FLOOR = 1e-6
-# |b| of the calibration curve is clamped here: at 60 the curve is already
-# exp(60 (r - 1)) to float64 precision, and expm1 stays far from overflow.
-MAX_SHARPNESS = 60.0
 
 
 # --------------------------------------------------------------------------- RoPE
@@ -208,15 +204,6 @@ def zscore(scores: torch.Tensor, over: str = "head") -> torch.Tensor:
 # --------------------------------------------------------------------------- the press
 
 
-def _check_float(name: str, value, minimum: float, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= minimum
-    if not ok:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be a finite number >= {minimum}{extra}, got {value!r}")
-
-
 def _check_bool(name: str, value) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
@@ -320,7 +307,7 @@ class CompactorPress(Press):
         super().__post_init__()
         check_int("sketch_dim", self.sketch_dim, 1)
         check_int("chunk_size", self.chunk_size, 1)
-        _check_float("blending", self.blending, 0.0)
+        check_float("blending", self.blending, 0.0)
         self.blending = float(self.blending)
         check_int("num_sinks", self.num_sinks, 0)
         check_int("num_recent", self.num_recent, 0)
@@ -331,8 +318,8 @@ class CompactorPress(Press):
         check_choice("logit_scale", self.logit_scale, LOGIT_SCALES)
         check_choice("normalization", self.normalization, NORMALIZATIONS)
         check_int("seed", self.seed, 0)
-        _check_float("calibration_alpha", self.calibration_alpha, -math.inf, allow_none=True)
-        _check_float("calibration_beta", self.calibration_beta, -math.inf, allow_none=True)
+        check_float("calibration_alpha", self.calibration_alpha, -math.inf, allow_none=True)
+        check_float("calibration_beta", self.calibration_beta, -math.inf, allow_none=True)
         if (self.calibration_alpha is None) != (self.calibration_beta is None):
             raise ValueError(
                 "calibration_alpha and calibration_beta must be given together (a curve from fit_calibration), "
@@ -443,237 +430,7 @@ class CompactorPress(Press):
             if ids is None or model is None:
                 raise ValueError(
                     "Compactor's calibration predicts the ratio from the context's NLL under the model: the capture "
-                    "needs context_nll (see curdkv.presses.compactor.context_nll), or input_ids and model"
+                    "needs context_nll (see curdkv.presses.calibration.context_nll), or input_ids and model"
                 )
             nll = context_nll(model, ids)
         return calibrated_ratio(self.calibration_curve, nll, tolerance)
-
-
-# --------------------------------------------------------------------------- calibration
-
-
-def _check_tolerance(tolerance) -> float:
-    ok = not isinstance(tolerance, bool) and isinstance(tolerance, (int, float)) and 0.0 <= tolerance < 1.0
-    if not ok:
-        raise ValueError(
-            f"tolerance must be a float in [0, 1) (the allowed relative loss of the answer's likelihood, "
-            f"1 - tau in the paper; 0.05 for tau = 0.95), got {tolerance!r}"
-        )
-    return float(tolerance)
-
-
-def _curve(retention: torch.Tensor, sharpness: torch.Tensor) -> torch.Tensor:
-    """``expm1(b r) / expm1(b)``, with its Taylor form ``r + b r (r - 1) / 2`` near ``b = 0`` (differentiable)."""
-    b = sharpness.clamp(-MAX_SHARPNESS, MAX_SHARPNESS)
-    small = b.abs() < 1e-4
-    safe = torch.where(small, torch.ones_like(b), b)
-    exact = torch.expm1(safe * retention) / torch.expm1(safe)
-    return torch.where(small, retention + b * retention * (retention - 1) / 2, exact)
-
-
-@dataclass(frozen=True)
-class CalibrationCurve:
-    """The paper's curve of answer-likelihood kept against tokens kept, for one model and press.
-
-    With ``b = alpha * NLL(c) + beta`` (``NLL(c)``: the context's token-averaged
-    negative log-likelihood under the model), the predicted NLL ratio
-    ``NLL(answer | full context) / NLL(answer | context compressed to keep r)``
-    is ``f(r) = (exp(r b - b) - exp(-b)) / (1 - exp(-b)) = expm1(b r) / expm1(b)``:
-    1 when nothing is evicted, 0 for an empty cache, increasing in ``r``. ``b``
-    is clamped to ``±MAX_SHARPNESS``.
-    """
-
-    alpha: float
-    beta: float
-
-    def __post_init__(self) -> None:
-        _check_float("alpha", self.alpha, -math.inf)
-        _check_float("beta", self.beta, -math.inf)
-
-    def sharpness(self, context_nll: float) -> float:
-        return min(max(self.alpha * float(context_nll) + self.beta, -MAX_SHARPNESS), MAX_SHARPNESS)
-
-    def quality(self, retention: float, context_nll: float) -> float:
-        """Predicted NLL ratio when a fraction ``retention`` of the tokens is kept."""
-        if isinstance(retention, bool) or not isinstance(retention, (int, float)) or not 0.0 <= retention <= 1.0:
-            raise ValueError(f"retention must be a float in [0, 1], got {retention!r}")
-        b = torch.tensor(self.sharpness(context_nll), dtype=torch.float64)
-        return float(_curve(torch.tensor(float(retention), dtype=torch.float64), b))
-
-    def retention(self, context_nll: float, tolerance: float) -> float:
-        """The smallest fraction of tokens kept whose predicted NLL ratio is at least ``1 - tolerance``.
-
-        The curve inverted in closed form: ``r = log1p(tau expm1(b)) / b`` with
-        ``tau = 1 - tolerance``.
-        """
-        tolerance = _check_tolerance(tolerance)
-        if tolerance == 0.0:
-            return 1.0
-        tau, b = 1.0 - tolerance, self.sharpness(context_nll)
-        if abs(b) < 1e-12:
-            r = tau
-        elif b > 0:
-            r = math.log1p(tau * math.expm1(b)) / b
-        else:  # log(1 + tau expm1(b)) = log(tolerance + tau exp(b)): two positive terms, no cancellation
-            r = math.log(tolerance + tau * math.exp(b)) / b
-        return min(max(r, 0.0), 1.0)
-
-
-def _finite_nlls(context_nll) -> torch.Tensor:
-    nlls = torch.as_tensor(context_nll, dtype=torch.float64).detach().flatten().cpu()
-    if nlls.numel() == 0 or not bool(torch.isfinite(nlls).all()):
-        raise ValueError(f"context_nll must be one or more finite numbers, got {context_nll!r}")
-    return nlls
-
-
-def calibrated_ratio(curve: CalibrationCurve, context_nll, tolerance: float = 0.05) -> float:
-    """The paper's context-calibrated compression ratio, in ``[0, 1)``.
-
-    ``1 - r*`` with ``r*`` the smallest fraction of tokens kept whose predicted
-    NLL ratio (:class:`CalibrationCurve`) is at least ``1 - tolerance``. The
-    paper's budgets are tau = 0.95 (Llama 3.1) and 0.90 (Qwen 2.5), i.e.
-    ``tolerance`` 0.05 and 0.10. ``context_nll`` is a float or a tensor of one
-    NLL per batch element; a batch, compressed at one ratio, gets its most
-    cautious element's ratio (the largest ``r*``).
-    """
-    if not isinstance(curve, CalibrationCurve):
-        raise ValueError(f"curve must be a CalibrationCurve (from fit_calibration), got {type(curve).__name__}")
-    tolerance = _check_tolerance(tolerance)
-    keep = max(curve.retention(float(x), tolerance) for x in _finite_nlls(context_nll))
-    # A ratio of exactly 1 would keep nothing; the runtime keeps at least one token anyway.
-    return min(1.0 - keep, math.nextafter(1.0, 0.0))
-
-
-def fit_calibration(retention, context_nll, quality_ratio, underestimate_weight: float = 4.0) -> CalibrationCurve:
-    """Fit ``alpha, beta`` of :class:`CalibrationCurve` to measured ``(r, NLL(c), y)`` triples.
-
-    ``y`` is the NLL ratio of a true answer measured at retention ``r``
-    (:func:`nll_ratio`). Least squares, weighted by ``underestimate_weight``
-    where the curve predicts a better ratio than measured: there the curve
-    would keep too few tokens, the costlier error (the paper's asymmetric
-    MSE; the default weight of 4 is this library's, the paper's is not
-    reproduced here). A grid over a constant ``b`` starts L-BFGS over both
-    parameters, in float64.
-    """
-    r, nll, y = (torch.as_tensor(v, dtype=torch.float64).detach().flatten().cpu()
-                 for v in (retention, context_nll, quality_ratio))
-    if not (r.numel() == nll.numel() == y.numel() >= 2):
-        raise ValueError(
-            f"retention, context_nll and quality_ratio must be equally long with at least 2 triples, "
-            f"got {r.numel()}, {nll.numel()}, {y.numel()}"
-        )
-    for name, v in (("retention", r), ("context_nll", nll), ("quality_ratio", y)):
-        if not bool(torch.isfinite(v).all()):
-            raise ValueError(f"{name} must be finite numbers")
-    if bool(((r < 0) | (r > 1)).any()):
-        raise ValueError("retention must be in [0, 1]")
-    _check_float("underestimate_weight", underestimate_weight, 1.0)
-    centre = float(nll.mean())  # b = alpha (nll - centre) + beta' keeps the two parameters decoupled
-
-    def loss(params: torch.Tensor) -> torch.Tensor:
-        residual = _curve(r, params[0] * (nll - centre) + params[1]) - y
-        weight = torch.where(residual > 0, float(underestimate_weight), 1.0)
-        return (weight * residual.square()).mean()
-
-    grid = torch.linspace(-MAX_SHARPNESS, MAX_SHARPNESS, 481, dtype=torch.float64)
-    start = min(grid, key=lambda b: float(loss(torch.stack([torch.zeros((), dtype=torch.float64), b]))))
-    params = torch.tensor([0.0, float(start)], dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS(
-        [params], lr=1.0, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe"
-    )
-
-    def closure():
-        optimizer.zero_grad()
-        value = loss(params)
-        value.backward()
-        return value
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    alpha, shifted = (float(p) for p in params.detach())
-    return CalibrationCurve(alpha, shifted - alpha * centre)
-
-
-def _check_ids(name: str, ids, batch: int | None = None) -> None:
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] == 0:
-        raise ValueError(f"{name} must be a non-empty [batch, seq_len] tensor of token ids")
-    if batch is not None and ids.shape[0] != batch:
-        raise ValueError(f"{name} must have the batch size {batch} of the context, got {ids.shape[0]}")
-
-
-def _token_nll_sums(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Summed NLL of ``targets`` ``[B, T]`` from the final hidden states ``[B, T, d]`` predicting them."""
-    head = model.get_output_embeddings()
-    total = torch.zeros(targets.shape[0], dtype=torch.float64, device=targets.device)
-    # The logits of a long context would not fit at once (N x vocabulary); a block at a time.
-    for s in range(0, targets.shape[1], chunk):
-        logits = head(hidden[:, s : s + chunk]).float()
-        nll = F.cross_entropy(logits.transpose(1, 2), targets[:, s : s + chunk], reduction="none")
-        total += nll.double().sum(-1)
-    return total
-
-
-@torch.no_grad()
-def context_nll_from_hidden(model, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Token-averaged NLL of each context, float64 ``[B]``, from the decoder's final hidden states.
-
-    ``hidden`` ``[B, N, d]``: the output of ``model.get_decoder()`` (after its
-    final norm) for ``input_ids`` ``[B, N]``, e.g. caught by a forward hook
-    during the one prefill, so the NLL costs no second pass and the N x
-    vocabulary logits never exist at once (they go through the LM head a
-    block at a time).
-    """
-    _check_ids("input_ids", input_ids)
-    if input_ids.shape[1] < 2:
-        raise ValueError("the context NLL needs at least 2 tokens (the first one is never predicted)")
-    if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(input_ids.shape):
-        raise ValueError(f"hidden must be [B, N, d] for input_ids {tuple(input_ids.shape)}, got {tuple(hidden.shape)}")
-    return _token_nll_sums(model, hidden[:, :-1], input_ids[:, 1:]) / (input_ids.shape[1] - 1)
-
-
-@torch.no_grad()
-def context_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Token-averaged NLL of each context under ``model``: float64 ``[B]`` (the paper's ``NLL(c)``).
-
-    One forward pass of the decoder without cache; each token after the first
-    is predicted from those before it, as in the model's own LM loss.
-    """
-    _check_ids("input_ids", input_ids)
-    if input_ids.shape[1] < 2:
-        raise ValueError("the context NLL needs at least 2 tokens (the first one is never predicted)")
-    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
-    return context_nll_from_hidden(model, hidden, input_ids)
-
-
-def _answer_nll(model, press, context_ids, follow_ids, answer_len: int) -> torch.Tensor:
-    from ..cache import CompressedCache
-    from ..runtime import compress
-
-    cache = CompressedCache()
-    with compress(model, press) if press is not None else contextlib.nullcontext():
-        first = model(input_ids=context_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    rest = model(input_ids=follow_ids, past_key_values=cache, use_cache=True).logits[:, :-1]
-    logits = torch.cat([first[:, None], rest], dim=1)[:, -answer_len:].float()
-    return F.cross_entropy(logits.transpose(1, 2), follow_ids[:, -answer_len:], reduction="none").double().mean()
-
-
-@torch.no_grad()
-def nll_ratio(model, press: Press, context_ids: torch.Tensor, answer_ids: torch.Tensor, query_ids=None) -> float:
-    """The paper's ``g(r, q, c) = NLL(answer | q, c) / NLL(answer | q, c compressed by press)``.
-
-    The context is prefilled (and compressed by ``press``), then the query
-    (optional, never compressed) and the answer are fed after it; only the
-    answer's tokens are scored, averaged over tokens and batch. This measures
-    the training triples of :func:`fit_calibration`.
-    """
-    if not isinstance(press, Press):
-        raise ValueError(f"press must be a curdkv Press, got {type(press).__name__}")
-    _check_ids("context_ids", context_ids)
-    _check_ids("answer_ids", answer_ids, context_ids.shape[0])
-    follow = answer_ids
-    if query_ids is not None:
-        _check_ids("query_ids", query_ids, context_ids.shape[0])
-        follow = torch.cat([query_ids, answer_ids], dim=1)
-    full = _answer_nll(model, None, context_ids, follow, answer_ids.shape[1])
-    compressed = _answer_nll(model, press, context_ids, follow, answer_ids.shape[1])
-    return float(full / compressed)
