@@ -199,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "presses":
         from .presses import get_press
 
+        width = max(len(name) for name in PRESSES)
         for name in PRESSES:
-            print(f"{name:14s} {get_press(name).describe()}")
+            print(f"{name:{width}s}  {get_press(name).describe()}")
         return 0
     from .demo import DemoSettings, format_results, run_demo, write_json
 
