@@ -48,6 +48,16 @@ def tiny_models():
     return tiny_model
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Single-threaded tensor ops for a module (small tensors on a small shared CPU stall
+    multi-threaded LAPACK calls), restored afterwards. Use with ``pytest.mark.usefixtures``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _no_grad():
     with torch.no_grad():

@@ -42,13 +42,7 @@ from conftest import TINY_ARCHS, tiny_model
 VOCAB = 256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Single-threaded small tensor ops (the shared CPU stalls multi-threaded LAPACK calls), then restore."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_ids(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:

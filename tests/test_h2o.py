@@ -21,13 +21,7 @@ from conftest import tiny_model
 B, H_KV = 2, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids stalls on a small shared CPU; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_inputs(n: int, d: int, group: int, seed: int):

@@ -323,6 +323,19 @@ class PrefillCapture:
     def num_layers(self) -> int:
         return len(self.keys)
 
+    @functools.cached_property
+    def context_nll(self) -> torch.Tensor | None:
+        """Token-averaged NLL of the context under the model, ``[B]`` (what calibrated presses read).
+
+        One forward pass the first time it is read, shared by every calibrated
+        configuration built from this capture; ``None`` without model or ids.
+        """
+        if self.model is None or self.input_ids is None:
+            return None
+        from .presses.calibration import context_nll
+
+        return context_nll(self.model, self.input_ids)
+
     def nbytes(self) -> int:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in zip(self.keys, self.values))
 

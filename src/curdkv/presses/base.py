@@ -66,6 +66,13 @@ def check_choice(name: str, value, allowed) -> None:
         raise ValueError(f"{name} must be one of {sorted(allowed)!r}, got {value!r}")
 
 
+def check_odd_kernel(name: str, value) -> None:
+    """A pooling width: an odd integer >= 1, so pooling keeps token positions aligned."""
+    check_int(name, value, 1)
+    if value % 2 == 0:
+        raise ValueError(f"{name} must be odd so pooling keeps positions aligned, got {value}")
+
+
 def check_int(name: str, value, minimum: int, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -175,3 +182,43 @@ class Press:
     def describe(self) -> str:
         params = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.init)
         return f"{type(self).__name__}({params})"
+
+
+@dataclass
+class WindowPress(Press):
+    """A press that scores from the last ``window_size`` context queries (the observation window).
+
+    It reads those queries and always keeps the window's own tokens; its
+    :meth:`score` ranks the tokens before the window and fills the window's
+    places with :meth:`with_window`.
+    """
+
+    window_size: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("window_size", self.window_size, 1)
+
+    @property
+    def protected_recent(self) -> int:
+        return self.window_size
+
+    @property
+    def query_window(self) -> int:
+        return self.window_size
+
+    def window_bounds(self, view: ScoringView) -> tuple[int, int]:
+        """``(N, W)``, after checking that some tokens lie before the window."""
+        n, w = view.seq_len, self.window_size
+        if n <= w:
+            label = type(self).__name__.removesuffix("Press")
+            raise ValueError(f"{label} needs a context longer than window_size={w}, got {n} tokens")
+        return n, w
+
+    def with_window(self, scores: torch.Tensor) -> torch.Tensor:
+        """``[B, H_kv, N - W]`` scores of the tokens before the window, extended to all ``N``.
+
+        The window is protected; its top score only fills the tensor.
+        """
+        top = scores.amax(-1, keepdim=True).expand(-1, -1, self.window_size)
+        return torch.cat([scores, top], dim=-1)

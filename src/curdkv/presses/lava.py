@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..selection import kept_count
-from .base import Press, ScoringView, check_int
+from .base import ScoringView, WindowPress, check_odd_kernel
 from .snapkv import window_attention
 
 
@@ -42,7 +42,7 @@ def normalised_entropy(scores: torch.Tensor) -> float:
 
 
 @dataclass
-class LAVaPress(Press):
+class LAVaPress(WindowPress):
     """LAVa (Shen et al. 2025, "LAVa: Layer-wise KV Cache Eviction with Dynamic Budget Allocation",
     arXiv 2509.09754; code MGDDestiny/Lava).
 
@@ -84,10 +84,7 @@ class LAVaPress(Press):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int("window_size", self.window_size, 1)
-        check_int("kernel_size", self.kernel_size, 1)
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd so pooling keeps positions aligned, got {self.kernel_size}")
+        check_odd_kernel("kernel_size", self.kernel_size)
         a = self.alpha
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
             raise ValueError(f"alpha must be a float in [0, 1], got {a!r}")
@@ -97,21 +94,9 @@ class LAVaPress(Press):
     def name(self) -> str:
         return "lava"
 
-    @property
-    def protected_recent(self) -> int:
-        return self.window_size
-
-    @property
-    def query_window(self) -> int:
-        return self.window_size
-
     def score(self, view: ScoringView) -> torch.Tensor:
-        n, w = view.seq_len, self.window_size
-        if n <= w:
-            raise ValueError(f"LAVa needs a context longer than window_size={w}, got {n} tokens")
-        scores = lava_scores(view, w, self.kernel_size)
-        top = scores.amax(-1, keepdim=True).expand(-1, -1, w)
-        return torch.cat([scores, top], dim=-1)
+        _, w = self.window_bounds(view)
+        return self.with_window(lava_scores(view, w, self.kernel_size))
 
     def layer_keeps(self, scores: list[torch.Tensor], seq_len: int) -> list[int]:
         w = self.window_size

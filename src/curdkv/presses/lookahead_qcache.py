@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Press, ScoringView, check_int
+from .base import Press, ScoringView, check_int, check_odd_kernel
 from .snapkv import SnapKVPress
 
 TEMPORARY_WINDOW = 32
@@ -83,9 +83,7 @@ class LookaheadQCachePress(Press):
         super().__post_init__()
         check_int("window_size", self.window_size, 0)
         check_int("lookahead_tokens", self.lookahead_tokens, 1)
-        check_int("kernel_size", self.kernel_size, 1)
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd so pooling keeps positions aligned, got {self.kernel_size}")
+        check_odd_kernel("kernel_size", self.kernel_size)
 
     @property
     def name(self) -> str:

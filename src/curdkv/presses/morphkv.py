@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Press, ScoringView, check_choice, check_int
+from .base import ScoringView, WindowPress, check_choice
+from .snapkv import window_logits
 
 FUSIONS = ("sum", "max")
 
@@ -18,20 +19,13 @@ def recent_attention(view: ScoringView, window: int) -> torch.Tensor:
     against each other, so the weight a query puts on its recent neighbours
     does not dilute the ranking.
     """
-    if view.queries is None or view.queries.shape[2] < window:
-        have = 0 if view.queries is None else view.queries.shape[2]
-        raise ValueError(f"the press needs the last {window} queries, the runtime captured {have}")
-    q = view.queries[:, :, -window:].float()
-    n = view.seq_len
-    k = view.keys[:, :, : n - window].float()
-    b, h, w, d = q.shape
-    h_kv = k.shape[1]
-    logits = torch.einsum("bkgwd,bknd->bkgwn", q.view(b, h_kv, h // h_kv, w, d), k) * view.scaling
-    return logits.softmax(-1).reshape(b, h, w, n - window)
+    logits = window_logits(view, window, keys_upto=view.seq_len - window)
+    b, h_kv, g, w, m = logits.shape
+    return logits.softmax(-1).reshape(b, h_kv * g, w, m)
 
 
 @dataclass
-class MorphKVPress(Press):
+class MorphKVPress(WindowPress):
     """MorphKV (Ghadia et al. 2025, "Dialogue Without Limits: Constant-Sized KV Caches for Extended
     Responses in LLMs", arXiv 2503.00979).
 
@@ -62,26 +56,12 @@ class MorphKVPress(Press):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int("window_size", self.window_size, 1)
         check_choice("fusion", self.fusion, FUSIONS)
 
-    @property
-    def protected_recent(self) -> int:
-        return self.window_size
-
-    @property
-    def query_window(self) -> int:
-        return self.window_size
-
     def score(self, view: ScoringView) -> torch.Tensor:
-        n, w = view.seq_len, self.window_size
-        if n <= w:
-            raise ValueError(f"MorphKV needs a context longer than window_size={w}, got {n} tokens")
+        n, w = self.window_bounds(view)
         attn = recent_attention(view, w)  # [B, H, W, N - W]
         b, h = attn.shape[:2]
         h_kv = view.num_kv_heads
         per_kv = attn.view(b, h_kv, h // h_kv, w, n - w).amax(2)
-        fused = per_kv.sum(2) if self.fusion == "sum" else per_kv.amax(2)
-        # The recent window is protected; its score only fills the tensor.
-        top = fused.amax(-1, keepdim=True).expand(-1, -1, w)
-        return torch.cat([fused, top], dim=-1)
+        return self.with_window(per_kv.sum(2) if self.fusion == "sum" else per_kv.amax(2))

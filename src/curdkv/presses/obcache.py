@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Press, ScoringView, check_choice, check_int
+from .base import ScoringView, WindowPress, check_choice, check_odd_kernel
+from .snapkv import window_hidden, window_logits
 
 SALIENCIES = ("value", "key", "joint")
 POOLINGS = (None, "max", "avg")
@@ -21,18 +22,8 @@ def window_attention_logits(view: ScoringView, window: int) -> tuple[torch.Tenso
     pre-softmax logits, set to 0 where the causal mask hides a key so that
     products with the (zero) attention there stay 0 instead of NaN.
     """
-    if view.queries is None or view.queries.shape[2] < window:
-        have = 0 if view.queries is None else view.queries.shape[2]
-        raise ValueError(f"the press needs the last {window} context queries, the runtime captured {have}")
-    q = view.queries[:, :, -window:].float()
-    k = view.keys.float()
-    b, h, w, d = q.shape
-    h_kv, n = k.shape[1], k.shape[2]
-    if h % h_kv:
-        raise ValueError(f"{h} query heads cannot share {h_kv} KV heads evenly")
-    logits = torch.einsum("bkgwd,bknd->bkgwn", q.reshape(b, h_kv, h // h_kv, w, d), k) * view.scaling
-    q_pos = torch.arange(n - w, n, device=k.device)[:, None]
-    hidden = torch.arange(n, device=k.device)[None, :] > q_pos  # [W, N]
+    logits = window_logits(view, window)
+    hidden = window_hidden(logits.shape[-1], window, logits.device)  # [W, N]
     attn = logits.masked_fill(hidden, float("-inf")).softmax(-1)
     return attn, logits.masked_fill_(hidden, 0.0)
 
@@ -84,7 +75,7 @@ def pool_scores(scores: torch.Tensor, pooling: str | None, kernel_size: int) -> 
 
 
 @dataclass
-class OBCachePress(Press):
+class OBCachePress(WindowPress):
     """OBCache, Optimal Brain Cache (Gu, Liang, Zhao and Diao 2025, arXiv 2510.07651).
 
     Eviction is treated as layer-wise structured pruning in the spirit of
@@ -139,30 +130,14 @@ class OBCachePress(Press):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int("window_size", self.window_size, 1)
         check_choice("saliency", self.saliency, SALIENCIES)
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {list(POOLINGS)!r}, got {self.pooling!r}")
-        check_int("kernel_size", self.kernel_size, 1)
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd so pooling keeps positions aligned, got {self.kernel_size}")
-
-    @property
-    def protected_recent(self) -> int:
-        return self.window_size
-
-    @property
-    def query_window(self) -> int:
-        return self.window_size
+        check_odd_kernel("kernel_size", self.kernel_size)
 
     def score(self, view: ScoringView) -> torch.Tensor:
-        n, w = view.seq_len, self.window_size
-        if n <= w:
-            raise ValueError(f"OBCache needs a context longer than window_size={w}, got {n} tokens")
+        n, w = self.window_bounds(view)
         attn, logits = window_attention_logits(view, w)
         per_query_head = output_errors(self.saliency, attn, logits, view.values.float())
         per_query_head = pool_scores(per_query_head[..., : n - w].contiguous(), self.pooling, self.kernel_size)
-        per_kv = per_query_head.sum(2)
-        # Window tokens are protected; give them the top score so the tensor covers all N tokens.
-        top = per_kv.amax(-1, keepdim=True).expand(-1, -1, w)
-        return torch.cat([per_kv, top], dim=-1)
+        return self.with_window(per_query_head.sum(2))

@@ -7,7 +7,31 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Press, ScoringView, check_int
+from .base import ScoringView, WindowPress, check_odd_kernel
+
+
+def window_logits(view: ScoringView, window: int, keys_upto: int | None = None) -> torch.Tensor:
+    """Scaled logits of the last ``window`` queries to the first ``keys_upto`` keys (all by default).
+
+    float32 ``[B, H_kv, G, W, keys_upto]``, unmasked: the G query heads of a
+    GQA group read their KV head.
+    """
+    if view.queries is None or view.queries.shape[2] < window:
+        have = 0 if view.queries is None else view.queries.shape[2]
+        raise ValueError(f"the press needs the last {window} context queries, the runtime captured {have}")
+    q = view.queries[:, :, -window:].float()
+    k = view.keys[:, :, :keys_upto].float()
+    b, h, w, d = q.shape
+    h_kv = k.shape[1]
+    if h % h_kv:
+        raise ValueError(f"{h} query heads cannot share {h_kv} KV heads evenly")
+    return torch.einsum("bkgwd,bknd->bkgwn", q.reshape(b, h_kv, h // h_kv, w, d), k) * view.scaling
+
+
+def window_hidden(seq_len: int, window: int, device) -> torch.Tensor:
+    """Bool ``[W, N]``: which keys window query i (at position ``N - W + i``) may not see."""
+    q_pos = torch.arange(seq_len - window, seq_len, device=device)[:, None]
+    return torch.arange(seq_len, device=device)[None, :] > q_pos
 
 
 def window_attention(view: ScoringView, window: int) -> torch.Tensor:
@@ -16,23 +40,14 @@ def window_attention(view: ScoringView, window: int) -> torch.Tensor:
     Causal inside the window: window query i sits at position ``N - W + i``
     and sees keys up to it. GQA: query head h reads KV head ``h // group``.
     """
-    if view.queries is None or view.queries.shape[2] < window:
-        have = 0 if view.queries is None else view.queries.shape[2]
-        raise ValueError(f"the press needs the last {window} context queries, the runtime captured {have}")
-    q = view.queries[:, :, -window:].float()
-    k = view.keys.float()
-    b, h, w, d = q.shape
-    h_kv, n = k.shape[1], k.shape[2]
-    group = h // h_kv
-    logits = torch.einsum("bkgwd,bknd->bkgwn", q.view(b, h_kv, group, w, d), k) * view.scaling
-    q_pos = torch.arange(n - w, n, device=k.device)[:, None]
-    k_pos = torch.arange(n, device=k.device)[None, :]
-    logits = logits.masked_fill(k_pos > q_pos, float("-inf"))
-    return logits.softmax(-1).reshape(b, h, w, n)
+    logits = window_logits(view, window)
+    b, h_kv, g, w, n = logits.shape
+    hidden = window_hidden(n, w, logits.device)
+    return logits.masked_fill(hidden, float("-inf")).softmax(-1).reshape(b, h_kv * g, w, n)
 
 
 @dataclass
-class SnapKVPress(Press):
+class SnapKVPress(WindowPress):
     """SnapKV (Li et al. 2024, arXiv 2404.14469).
 
     The last ``window_size`` context tokens form the observation window; each
@@ -51,36 +66,19 @@ class SnapKVPress(Press):
     comparable across heads (AdaKV ranks them jointly).
     """
 
-    window_size: int = 64
     kernel_size: int = 5
 
     scores_comparable_across_heads = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int("window_size", self.window_size, 1)
-        check_int("kernel_size", self.kernel_size, 1)
-        if self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd so pooling keeps positions aligned, got {self.kernel_size}")
-
-    @property
-    def protected_recent(self) -> int:
-        return self.window_size
-
-    @property
-    def query_window(self) -> int:
-        return self.window_size
+        check_odd_kernel("kernel_size", self.kernel_size)
 
     def score(self, view: ScoringView) -> torch.Tensor:
-        n, w = view.seq_len, self.window_size
-        if n <= w:
-            raise ValueError(f"SnapKV needs a context longer than window_size={w}, got {n} tokens")
+        n, w = self.window_bounds(view)
         attn = window_attention(view, w)[..., : n - w].mean(2)  # [B, H, N - W]
         pad = self.kernel_size // 2
         pooled = F.avg_pool1d(attn, self.kernel_size, stride=1, padding=pad, count_include_pad=False)
         b, h = pooled.shape[:2]
         h_kv = view.num_kv_heads
-        per_kv = pooled.view(b, h_kv, h // h_kv, n - w).mean(2)
-        # Window tokens are protected; give them the top score so the tensor covers all N tokens.
-        top = per_kv.amax(-1, keepdim=True).expand(-1, -1, w)
-        return torch.cat([per_kv, top], dim=-1)
+        return self.with_window(pooled.view(b, h_kv, h // h_kv, n - w).mean(2))
