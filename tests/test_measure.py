@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -195,12 +196,67 @@ def test_triton_leverage_kernels_match_torch(n, d):
     torch.testing.assert_close(lv, exact_leverage(y), rtol=2e-2, atol=1e-6)
 
 
+def test_whitening_without_sync_equals_whitening_and_survives_indefinite_heads():
+    x = structured_states(d=16).double()
+    grams = leverage.gram_torch(x)
+    torch.testing.assert_close(leverage.whitening_without_sync(grams), leverage.whitening(grams), rtol=0, atol=0)
+    # A head indefinite beyond the ridge (a float32 Gram's rounding on a rank-deficient head
+    # can do this) takes the stronger-ridge factorisation; the other head is untouched.
+    bad = grams.clone()
+    indefinite = torch.eye(16, dtype=bad.dtype)
+    indefinite[0, 1] = indefinite[1, 0] = 1 + 1e-5  # unit diagonal, smallest eigenvalue -1e-5 < -ridge
+    bad[0, 0] = indefinite
+    assert int(torch.linalg.cholesky_ex(indefinite.double() + 1e-6 * torch.eye(16, dtype=torch.float64)).info) > 0
+    w = leverage.whitening_without_sync(bad)
+    assert torch.isfinite(w).all()
+    torch.testing.assert_close(w[0, 1], leverage.whitening(grams)[0, 1], rtol=0, atol=0)
+    fallback = indefinite.double() + leverage.FALLBACK_RIDGE * torch.eye(16, dtype=torch.float64)
+    torch.testing.assert_close(w[0, 0] @ w[0, 0].T, torch.linalg.inv(fallback), rtol=1e-9, atol=1e-9)
+
+
+GATHER_DEVICE = "cuda" if torch.cuda.is_available() else (
+    "cpu" if os.environ.get("TRITON_INTERPRET") == "1" and leverage.triton is not None else None)
+
+
+@pytest.mark.skipif(GATHER_DEVICE is None, reason="the gather kernel runs on CUDA (or on CPU with Triton installed "
+                    "and TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("n,k,dk,dv", [(200, 70, 32, 16), (1000, 1, 64, 64), (130, 130, 16, 32)])
+def test_gather_kernel_equals_torch_gather(n, k, dk, dv):
+    from curdkv.kernels.gather import gather_kv
+    from curdkv.selection import gather_tokens
+
+    gen = torch.Generator().manual_seed(n + k)
+    keys = torch.randn(2, 3, n, dk, generator=gen).half().to(GATHER_DEVICE)
+    values = torch.randn(2, 3, n, dv, generator=gen).half().to(GATHER_DEVICE)
+    idx = torch.rand(2, 3, n, generator=gen).argsort(-1)[..., :k].sort(-1).values.to(GATHER_DEVICE)
+    got_k, got_v = gather_kv(keys, values, idx)
+    assert torch.equal(got_k, gather_tokens(keys, idx)) and torch.equal(got_v, gather_tokens(values, idx))
+    # A non-contiguous view (keys sliced out of a wider tensor) is read correctly too.
+    wide = torch.cat([keys, keys], dim=2)[:, :, n:]
+    assert torch.equal(gather_kv(wide, values, idx)[0], gather_tokens(keys, idx))
+
+
+def test_gather_kernel_refuses_unsupported_shapes():
+    from curdkv.kernels.gather import gather_kv
+
+    if leverage.triton is None:
+        pytest.skip("Triton is not installed: gather_kv is never called")
+    with pytest.raises(ValueError, match="power-of-two head dims"):
+        gather_kv(torch.randn(1, 1, 4, 12), torch.randn(1, 1, 4, 12), torch.zeros(1, 1, 2, dtype=torch.long))
+
+
 # ------------------------------------------------------------------ bench
 
-def test_bench_cpu_json_and_resume(tmp_path):
+def test_bench_cpu_json_and_resume(tmp_path, monkeypatch):
     settings = BenchSettings(model="random:tiny-llama", lengths=(768,), ratios=(0.0, 0.5), methods=("curdkv", "snapkv"),
                              decode_tokens=2, repeats=1, decode_repeats=1, device="cpu", dtype="float32")
+    scored = []
+    original = curdkv.CurDKVPress.score
+    monkeypatch.setattr(curdkv.CurDKVPress, "score", lambda self, view: scored.append(view.layer_idx) or original(self, view))
     result = run_bench(settings, tmp_path, progress=False)
+    # Every timed build scores again (the overhead includes scoring): on CPU, a warm-up and a
+    # timed repeat for the device time and the same for the wall time, beside the compressing prefill.
+    assert scored.count(0) >= 5
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["settings"]["model"] == "random:tiny-llama" and saved["environment"]["torch"] == torch.__version__
     rows = {(r["method"], r["compression_ratio"]): r for r in saved["rows"]}
@@ -211,6 +267,7 @@ def test_bench_cpu_json_and_resume(tmp_path):
     for r in saved["rows"]:
         assert r["prefill_s"] > 0 and r["decode_ms_per_token"] > 0
         assert (r["overhead_ms_per_layer"] > 0) == (r["method"] != "full")
+        assert (r["overhead_wall_ms_total"] > 0) == (r["method"] != "full")
     assert "curdkv_overhead_percent" in result["goals"]
     assert (tmp_path / "bench.png").stat().st_size > 0 and "### 768 tokens" in (tmp_path / "bench.md").read_text()
     # A second run adds a length and keeps the first one's measurements.

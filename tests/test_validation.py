@@ -214,7 +214,9 @@ def test_nan_scores_name_the_press_layer_and_heads():
             scores[0, 1, 5] = math.nan
             return scores
 
-    keys, values = torch.randn(1, 2, 50, 8), torch.randn(1, 2, 50, 8)
-    for layout in ("dense", "ragged"):
-        with pytest.raises(ValueError, match=r"NaNHead.*returned 1 NaN scores at layer 3, KV heads \[1\].*keys finite"):
-            compress_layer(NaNHead(compression_ratio=0.5), keys, values, None, None, 3, layout)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:  # on CUDA the check runs after the gather is queued
+        keys, values = torch.randn(1, 2, 50, 16, device=device), torch.randn(1, 2, 50, 16, device=device)
+        for layout in ("dense", "ragged", "masked"):
+            with pytest.raises(ValueError, match=r"NaNHead.*returned 1 NaN scores at layer 3, KV heads \[1\].*keys finite"):
+                compress_layer(NaNHead(compression_ratio=0.5), keys, values, None, None, 3, layout)

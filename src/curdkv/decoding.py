@@ -21,7 +21,7 @@ import torch
 from .attention import QueryRecorder
 from .cache import CompressedLayer
 from .presses.base import Press
-from .selection import gather_tokens
+from .selection import gather_kv_tokens
 
 
 def check_max_cache_tokens(press: Press, max_cache_tokens) -> int:
@@ -87,7 +87,7 @@ class DecodeBudget:
                 self.press, layer.keys, layer.values, queries, module, idx, n_keep=n_keep,
                 positions=None if first_prefill else positions,
             )
-            keys, values = gather_tokens(layer.keys, chosen), gather_tokens(layer.values, chosen)
+            keys, values = gather_kv_tokens(layer.keys, layer.values, chosen)
             positions = positions.gather(-1, chosen)
             evicted += stored - n_keep
         else:

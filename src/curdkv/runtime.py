@@ -23,7 +23,7 @@ from .attention import QueryRecorder, recording_queries, using_curdkv_attention
 from .cache import CompressedCache, CompressedLayer
 from .presses.base import ALL_QUERIES, Press, ScoringView, check_choice
 from .ragged_layer import MaskedLayer, RaggedLayer
-from .selection import NaNScores, gather_tokens, select_adaptive, select_uniform
+from .selection import NaNScores, gather_kv_tokens, select_adaptive, select_uniform
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -145,13 +145,29 @@ def compress_layer(
         n_keep = press.layer_keep(n, layer_idx, num_layers(module))
     if n_keep >= n:
         return CompressedLayer.from_states(keys, values, 0)
-    chosen = select_tokens(press, keys, values, queries, module, layer_idx, scores=scores, n_keep=n_keep)
+    if scores is None:
+        scores = layer_scores(press, keys, values, queries, module, layer_idx)
+    # On the GPU the NaN check waits until the layer's selection and copies are
+    # queued: reading the flag earlier would drain the queue mid-layer and leave
+    # the GPU idle while the host launches the rest.
+    deferred = keys.is_cuda
+    chosen = select_tokens(press, keys, values, queries, module, layer_idx, scores=scores, n_keep=n_keep,
+                           check_nan=not deferred)
+    layer = _layer_from_choice(chosen, keys, values, layout, adaptive)
+    if deferred and bool(torch.isnan(scores).any()):
+        raise ValueError(_nan_report(press, scores, layer_idx, keys, values, queries))
+    return layer
+
+
+def _layer_from_choice(chosen: torch.Tensor, keys, values, layout: str, adaptive: bool):
+    n = keys.shape[2]
     if adaptive:
         keep = chosen
     elif layout == "dense":
-        return CompressedLayer.from_states(gather_tokens(keys, chosen), gather_tokens(values, chosen), n - chosen.shape[-1])
+        kept_keys, kept_values = gather_kv_tokens(keys, values, chosen)
+        return CompressedLayer.from_states(kept_keys, kept_values, n - chosen.shape[-1])
     elif layout == "ragged":
-        return RaggedLayer.from_dense(gather_tokens(keys, chosen), gather_tokens(values, chosen), n)
+        return RaggedLayer.from_dense(*gather_kv_tokens(keys, values, chosen), n)
     else:
         keep = torch.zeros(keys.shape[:3], dtype=torch.bool, device=keys.device).scatter_(-1, chosen, True)
     layer_class = RaggedLayer if layout == "ragged" else MaskedLayer
@@ -161,6 +177,7 @@ def compress_layer(
 def select_tokens(
     press: Press, keys, values, queries, module, layer_idx: int,
     scores: torch.Tensor | None = None, n_keep: int | None = None, positions: torch.Tensor | None = None,
+    check_nan: bool = True,
 ) -> torch.Tensor:
     """The press's choice at one layer: sorted kept indices ``[B, H_kv, k]`` for a uniform
     press, a keep mask ``[B, H_kv, N]`` for a head-adaptive one.
@@ -178,8 +195,8 @@ def select_tokens(
     sinks, recent = press.protected_sinks, press.protected_recent
     try:
         if is_head_adaptive(press):
-            return select_adaptive(scores, n_keep, press.alpha, sinks, recent)
-        return select_uniform(scores, n_keep, sinks, recent)
+            return select_adaptive(scores, n_keep, press.alpha, sinks, recent, check_nan)
+        return select_uniform(scores, n_keep, sinks, recent, check_nan)
     except NaNScores:
         raise ValueError(_nan_report(press, scores, layer_idx, keys, values, queries)) from None
 
@@ -378,6 +395,10 @@ class PrefillCapture:
             compress_layer(press, k, v, q, m, i, layout, scores=s, n_keep=n_keep)
             for i, (k, v, q, m, s, n_keep) in enumerate(zip(self.keys, self.values, queries, self.modules, scores, keeps))
         ])
+
+    def forget_scores(self) -> None:
+        """Drop the scores kept for reuse across ratios (timings of a whole build need this)."""
+        self._scores.clear()
 
     def scores(self, press: Press, queries: list) -> list[torch.Tensor]:
         """Every layer's scores for ``press``, reused across ratios where they do not depend on the ratio."""

@@ -61,24 +61,30 @@ class NaNScores(ValueError):
     """A press scored some tokens NaN; the runtime re-raises it with the press and layer named."""
 
 
-def _checked(scores: torch.Tensor, n_keep: int, sinks: int, recent: int) -> torch.Tensor:
+def _checked(scores: torch.Tensor, n_keep: int, sinks: int, recent: int, check_nan: bool) -> torch.Tensor:
     if scores.dim() != 3:
         raise ValueError(f"scores must have shape [B, H_kv, N], got {tuple(scores.shape)}")
     check_budget(scores.shape[-1], n_keep, sinks, recent)
-    if torch.isnan(scores).any():
+    if check_nan and torch.isnan(scores).any():
         raise NaNScores("the press returned NaN scores")
     return protect(scores.float(), sinks, recent)
 
 
-def select_uniform(scores: torch.Tensor, n_keep: int, sinks: int = 0, recent: int = 0) -> torch.Tensor:
-    """Top-``n_keep`` tokens of every KV head; returns sorted indices ``[B, H_kv, n_keep]``."""
-    scores = _checked(scores, n_keep, sinks, recent)
+def select_uniform(
+    scores: torch.Tensor, n_keep: int, sinks: int = 0, recent: int = 0, check_nan: bool = True
+) -> torch.Tensor:
+    """Top-``n_keep`` tokens of every KV head; returns sorted indices ``[B, H_kv, n_keep]``.
+
+    ``check_nan=False`` leaves the NaN check to the caller (it reads a flag
+    back to the host, which a GPU caller does once the layer's work is queued).
+    """
+    scores = _checked(scores, n_keep, sinks, recent, check_nan)
     idx = scores.topk(n_keep, dim=-1, sorted=False).indices
     return idx.sort(dim=-1).values
 
 
 def select_adaptive(
-    scores: torch.Tensor, n_keep: int, alpha: float, sinks: int = 0, recent: int = 0
+    scores: torch.Tensor, n_keep: int, alpha: float, sinks: int = 0, recent: int = 0, check_nan: bool = True
 ) -> torch.Tensor:
     """Head-adaptive budgets (AdaKV, arXiv 2407.11550): a keep mask ``[B, H_kv, N]``.
 
@@ -91,7 +97,7 @@ def select_adaptive(
     """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be a float in [0, 1], got {alpha!r}")
-    scores = _checked(scores, n_keep, sinks, recent)
+    scores = _checked(scores, n_keep, sinks, recent, check_nan)
     b, h, n = scores.shape
     keep = torch.zeros_like(scores, dtype=torch.bool)
     safeguard = int(alpha * n_keep + 1e-9)
@@ -112,3 +118,12 @@ def gather_tokens(states: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     # rows, which reads one index per row, measured 0.77 ms.
     expanded = indices.unsqueeze(-1).expand(-1, -1, -1, states.shape[-1])
     return states.gather(2, expanded)
+
+
+def gather_kv_tokens(keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gather_tokens` of keys and values; one Triton launch for both on CUDA."""
+    from .kernels.gather import gather_available, gather_kv
+
+    if gather_available(keys, values):
+        return gather_kv(keys, values, indices)
+    return gather_tokens(keys, indices), gather_tokens(values, indices)

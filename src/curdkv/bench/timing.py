@@ -41,6 +41,45 @@ def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> f
     return statistics.median(times)
 
 
+def device_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median GPU time of ``fn()`` while the host runs ahead of the GPU, as it does inside a prefill.
+
+    Timed alone, a function that launches many small kernels measures the
+    host's launch time, not the GPU's work. Inside a long prefill the host
+    is far ahead (one layer's attention at 128K tokens keeps the GPU busy
+    for hundreds of milliseconds), so what compression adds there is its GPU
+    time plus any wait it forces on the host. Here a GPU sleep longer than
+    ``fn``'s host time is queued first, so ``fn``'s launches are all queued
+    before the GPU reaches them; a host synchronisation inside ``fn`` still
+    shows up, as the idle time it causes. On CPU this is :func:`median_seconds`.
+    """
+    if device.type != "cuda":
+        return median_seconds(fn, device, repeats, warmup)
+    host = median_seconds(fn, device, max(1, min(repeats, 3)), warmup)
+    cycles = int(2 * host * _sleep_cycles_per_second(device)) + 1
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(cycles)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
+def _sleep_cycles_per_second(device: torch.device) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    cycles = 10_000_000
+    torch.cuda._sleep(cycles)  # warm-up
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    torch.cuda.synchronize()
+    return cycles / (start.elapsed_time(end) / 1000)
+
+
 def copy_bandwidth(nbytes: int, device: torch.device, repeats: int = 5) -> float:
     """Bytes per second moved (read + written) by a device-to-device copy of ``nbytes``.
 

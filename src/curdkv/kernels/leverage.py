@@ -9,8 +9,10 @@ reads of ``X``, in its own dtype, with tensor-core products:
 
 1. ``G = XᵀX`` with bf16/fp16 inputs (products exact) accumulated in float32;
 2. on the tiny ``D x D`` matrices only, in float64: scale to unit diagonal,
-   add the ridge, Cholesky ``LLᵀ`` (eigen-solve if it fails), and the
-   whitening ``W = diag(s) L⁻ᵀ`` so that ``leverage_j = ‖x_j W‖²``;
+   add the ridge, Cholesky ``LLᵀ`` (on the GPU with a stronger-ridge
+   factorisation beside it for matrices where that fails, so that no status
+   is read back to the host), and the whitening ``W = diag(s) L⁻ᵀ`` so that
+   ``leverage_j = ‖x_j W‖²``;
 3. ``x_j W`` with ``W`` split into two half-precision terms
    ``W ≈ W_hi + W_lo`` (about 16 significant bits, where one term gives 8):
    ``x_j`` is exact in its own dtype, so two tensor-core products with
@@ -104,25 +106,61 @@ if triton is not None:
 
 # --------------------------------------------------- step 2: the whitening
 
+def _scaled(gram_matrix: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-diagonal float64 Gram plus ``ridge``, and the column scales ``s`` that did it."""
+    g = gram_matrix.double()
+    s = g.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300).rsqrt()
+    d = g.shape[-1]
+    return s.unsqueeze(-1) * g * s.unsqueeze(-2) + ridge * torch.eye(d, dtype=g.dtype, device=g.device), s
+
+
+def _inverse_transpose(chol: torch.Tensor) -> torch.Tensor:
+    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device).expand_as(chol)
+    return torch.linalg.solve_triangular(chol, eye, upper=False).transpose(-1, -2)
+
+
 def whitening(gram_matrix: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
     """``W`` (float64, ``[B, H, D, D]``) with ``leverage_j = ‖x_j W‖²``.
 
     Columns are scaled to unit norm first (leverage does not change, the
     Gram matrix becomes far better conditioned) and ``ridge`` is added to the
-    unit diagonal, as in the float64 reference.
+    unit diagonal, as in the float64 reference. A matrix still numerically
+    indefinite after the ridge takes an eigen-solve with eigenvalues clamped
+    at the ridge; deciding that reads the factorisation's status on the
+    host. :func:`whitening_without_sync` is the GPU route that never waits.
     """
-    g = gram_matrix.double()
-    s = g.diagonal(dim1=-2, dim2=-1).clamp_min(1e-300).rsqrt()
-    d = g.shape[-1]
-    g = s.unsqueeze(-1) * g * s.unsqueeze(-2) + ridge * torch.eye(d, dtype=g.dtype, device=g.device)
+    g, s = _scaled(gram_matrix, ridge)
     chol, info = torch.linalg.cholesky_ex(g)
-    if not bool((info != 0).any()):  # the one host synchronisation of the fast path
-        eye = torch.eye(d, dtype=g.dtype, device=g.device).expand_as(g)
-        inv_t = torch.linalg.solve_triangular(chol, eye, upper=False).transpose(-1, -2)
-        return s.unsqueeze(-1) * inv_t
-    # Numerically indefinite after the ridge: an eigen-solve, which cannot fail this way.
+    if not bool((info != 0).any()):
+        return s.unsqueeze(-1) * _inverse_transpose(chol)
     evals, evecs = torch.linalg.eigh(g)
     return s.unsqueeze(-1) * (evecs * evals.clamp_min(ridge).rsqrt().unsqueeze(-2))
+
+
+# Ridge of the fallback factorisation: rounding in a float32 Gram of a unit-diagonal
+# matrix is orders of magnitude below it, so its Cholesky cannot fail.
+FALLBACK_RIDGE = 1e-3
+
+
+def whitening_without_sync(gram_matrix: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+    """:func:`whitening` without reading anything back to the host.
+
+    Every matrix is factorised twice in one batched call, with ``ridge``
+    and with :data:`FALLBACK_RIDGE`, and the second is used where the
+    first failed. A host read of the status (:func:`whitening`) drains the
+    GPU queue: inside a prefill the host then launches the rest of the
+    layer while the GPU idles, which measured more than the factorisation.
+    Matrices that factorise with ``ridge`` (every head of the models
+    measured) get exactly :func:`whitening`'s ``W``; the others a stronger
+    ridge instead of the eigenvalue clamp.
+    """
+    g, s = _scaled(gram_matrix, ridge)
+    d = g.shape[-1]
+    extra = (FALLBACK_RIDGE - ridge) * torch.eye(d, dtype=g.dtype, device=g.device)
+    chol, info = torch.linalg.cholesky_ex(torch.stack([g, g + extra]))
+    w = _inverse_transpose(chol)
+    ok = (info[0] == 0).unsqueeze(-1).unsqueeze(-1)
+    return s.unsqueeze(-1) * torch.where(ok, w[0], w[1])
 
 
 def split_terms(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,8 +190,9 @@ def whitened_norms(x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch
     out = torch.empty(b * h, n, device=x.device, dtype=torch.float32)
     hi3, lo3 = hi.reshape(b * h, d, d).contiguous(), lo.reshape(b * h, d, d).contiguous()
     rows_per_split, splits = _splits(n)
+    # 4 warps: measured 0.17 ms for K of a Llama-3.1-8B layer at 128K on an H100, against 0.29 with 8.
     _whitened_norms_kernel[(b * h, splits)](
-        x3, hi3, lo3, out, n, rows_per_split, x3.stride(0), D=d, BLOCK_N=BLOCK_N, num_warps=8,
+        x3, hi3, lo3, out, n, rows_per_split, x3.stride(0), D=d, BLOCK_N=BLOCK_N, num_warps=4,
     )
     return out.reshape(b, h, n)
 
@@ -192,5 +231,6 @@ def half_precision_leverage(*states: torch.Tensor, ridge: float = 1e-6) -> list[
         if x.dtype not in HALF_DTYPES:
             raise ValueError(f"states must be bfloat16 or float16 for the split-precision path, got {x.dtype}")
     grams = torch.stack([gram(x) for x in states])
-    hi, lo = split_terms(whitening(grams, ridge), states[0].dtype)
+    solve = whitening_without_sync if states[0].is_cuda else whitening
+    hi, lo = split_terms(solve(grams, ridge), states[0].dtype)
     return [whitened_norms(x, hi[i], lo[i]) for i, x in enumerate(states)]
