@@ -67,6 +67,12 @@ def main(argv=None) -> None:
     stages["gram (K)"] = ms(lambda: leverage.gram(keys))
     stages["whitening K and V, host status check"] = ms(lambda: leverage.whitening(grams))
     stages["whitening K and V, no host sync"] = ms(lambda: leverage.whitening_without_sync(grams))
+    def one_factorisation():
+        g, scale = leverage._scaled(grams, 1e-6)
+        chol, _ = torch.linalg.cholesky_ex(g)
+        return scale.unsqueeze(-1) * leverage._inverse_transpose(chol)
+
+    stages["whitening K and V, one factorisation (no fallback)"] = ms(one_factorisation)
     stages["whitened norms (K)"] = ms(lambda: leverage.whitened_norms(keys, hi[0], lo[0]))
     view = ScoringView(keys=keys, values=values, queries=queries, module=module, layer_idx=0)
     press = curdkv.get_press("curdkv", 0.5)
@@ -77,6 +83,10 @@ def main(argv=None) -> None:
     idx = select_uniform(scores, n_keep, 4, 0)
     stages["gather K and V 50% (torch.gather)"] = ms(lambda: (gather_tokens(keys, idx), gather_tokens(values, idx)))
     stages["gather K and V 50% (kernel)"] = ms(lambda: gather_kv_tokens(keys, values, idx))
+    from curdkv.presses.snapkv import window_attention, window_attention_mean
+    wview = ScoringView(keys=keys, values=values, queries=queries, module=module, layer_idx=0)
+    stages["snapkv window attention mean (fused)"] = ms(lambda: window_attention_mean(wview, 64))
+    stages["snapkv window attention mean (plain)"] = ms(lambda: window_attention(wview, 64)[..., : n - 64].mean(2))
     rows = []
     for method in args.methods.split(","):
         for ratio in (float(r) for r in args.ratios.split(",")):

@@ -214,26 +214,78 @@ def test_whitening_without_sync_equals_whitening_and_survives_indefinite_heads()
     torch.testing.assert_close(w[0, 0] @ w[0, 0].T, torch.linalg.inv(fallback), rtol=1e-9, atol=1e-9)
 
 
-GATHER_DEVICE = "cuda" if torch.cuda.is_available() else (
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else (
     "cpu" if os.environ.get("TRITON_INTERPRET") == "1" and leverage.triton is not None else None)
 
 
-@pytest.mark.skipif(GATHER_DEVICE is None, reason="the gather kernel runs on CUDA (or on CPU with Triton installed "
-                    "and TRITON_INTERPRET=1)")
+needs_kernel = pytest.mark.skipif(
+    KERNEL_DEVICE is None, reason="the Triton kernels run on CUDA (or on CPU with Triton installed and TRITON_INTERPRET=1)")
+
+
+@needs_kernel
 @pytest.mark.parametrize("n,k,dk,dv", [(200, 70, 32, 16), (1000, 1, 64, 64), (130, 130, 16, 32)])
 def test_gather_kernel_equals_torch_gather(n, k, dk, dv):
     from curdkv.kernels.gather import gather_kv
     from curdkv.selection import gather_tokens
 
     gen = torch.Generator().manual_seed(n + k)
-    keys = torch.randn(2, 3, n, dk, generator=gen).half().to(GATHER_DEVICE)
-    values = torch.randn(2, 3, n, dv, generator=gen).half().to(GATHER_DEVICE)
-    idx = torch.rand(2, 3, n, generator=gen).argsort(-1)[..., :k].sort(-1).values.to(GATHER_DEVICE)
+    keys = torch.randn(2, 3, n, dk, generator=gen).half().to(KERNEL_DEVICE)
+    values = torch.randn(2, 3, n, dv, generator=gen).half().to(KERNEL_DEVICE)
+    idx = torch.rand(2, 3, n, generator=gen).argsort(-1)[..., :k].sort(-1).values.to(KERNEL_DEVICE)
     got_k, got_v = gather_kv(keys, values, idx)
     assert torch.equal(got_k, gather_tokens(keys, idx)) and torch.equal(got_v, gather_tokens(values, idx))
     # A non-contiguous view (keys sliced out of a wider tensor) is read correctly too.
     wide = torch.cat([keys, keys], dim=2)[:, :, n:]
     assert torch.equal(gather_kv(wide, values, idx)[0], gather_tokens(keys, idx))
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,h,h_kv,n,w,d", [(1, 4, 2, 300, 16, 32), (2, 6, 2, 200, 16, 16), (1, 2, 2, 80, 16, 32),
+                                           (1, 6, 2, 3000, 32, 16)])
+def test_window_attention_kernel_equals_softmax_mean(b, h, h_kv, n, w, d):
+    import types
+
+    from curdkv.kernels.window_attention import window_attention_mean
+    from curdkv.presses.base import ScoringView
+    from curdkv.presses.snapkv import window_attention
+
+    gen = torch.Generator().manual_seed(n)
+    q = torch.randn(b, h, w, d, generator=gen).half()
+    k = (2 * torch.randn(b, h_kv, n, d, generator=gen)).half()
+    view = ScoringView(keys=k, values=k, queries=q, module=types.SimpleNamespace(scaling=d**-0.5, layer_idx=0),
+                       layer_idx=0)
+    ref = window_attention(view, w)[..., : n - w].mean(2)
+    got = window_attention_mean(q.to(KERNEL_DEVICE), k.to(KERNEL_DEVICE), d**-0.5, n - w).cpu()
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6 * float(ref.max()))
+
+
+def test_window_attention_kernel_refuses_unsupported_shapes():
+    from curdkv.kernels.window_attention import window_attention_mean
+
+    if leverage.triton is None:
+        pytest.skip("Triton is not installed: the kernel is never called")
+    with pytest.raises(ValueError, match="power-of-two window"):
+        window_attention_mean(torch.randn(1, 2, 12, 16), torch.randn(1, 2, 50, 16), 0.25, 38)
+    with pytest.raises(ValueError, match="upto must be in"):
+        window_attention_mean(torch.randn(1, 2, 16, 16), torch.randn(1, 2, 50, 16), 0.25, 40)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and leverage.triton is not None), reason="needs CUDA and Triton")
+@pytest.mark.parametrize("name", ["snapkv", "adasnapkv", "lava"])
+def test_window_presses_score_the_same_on_the_fused_path(name):
+    import types
+
+    from curdkv.presses.base import ScoringView
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8, 64, 64, generator=gen).bfloat16()
+    k, v = torch.randn(1, 2, 2000, 64, generator=gen).bfloat16(), torch.randn(1, 2, 2000, 64, generator=gen).bfloat16()
+    module = types.SimpleNamespace(scaling=0.125, layer_idx=0)
+    press = curdkv.get_press(name, 0.5)
+    cpu = press.score(ScoringView(keys=k, values=v, queries=q, module=module, layer_idx=0))
+    gpu = press.score(ScoringView(keys=k.cuda(), values=v.cuda(), queries=q.cuda(), module=module, layer_idx=0))
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-7)
 
 
 def test_gather_kernel_refuses_unsupported_shapes():

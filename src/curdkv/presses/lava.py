@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..selection import kept_count
 from .base import ScoringView, WindowPress, check_odd_kernel
-from .snapkv import window_attention
+from .snapkv import window_attention_mean
 
 
 def lava_scores(view: ScoringView, window: int, kernel_size: int) -> torch.Tensor:
@@ -21,7 +21,7 @@ def lava_scores(view: ScoringView, window: int, kernel_size: int) -> torch.Tenso
     query heads of each GQA group.
     """
     n = view.seq_len
-    attn = window_attention(view, window)[..., : n - window].mean(2)  # [B, H, N - W]
+    attn = window_attention_mean(view, window)  # [B, H, N - W]
     pooled = F.max_pool1d(attn, kernel_size, stride=1, padding=kernel_size // 2)
     b, h = pooled.shape[:2]
     h_kv = view.num_kv_heads

@@ -10,16 +10,21 @@ import torch.nn.functional as F
 from .base import ScoringView, WindowPress, check_odd_kernel
 
 
+def last_queries(view: ScoringView, window: int) -> torch.Tensor:
+    """The last ``window`` context queries ``[B, H, W, D]``, or a clear error if fewer were captured."""
+    if view.queries is None or view.queries.shape[2] < window:
+        have = 0 if view.queries is None else view.queries.shape[2]
+        raise ValueError(f"the press needs the last {window} context queries, the runtime captured {have}")
+    return view.queries[:, :, -window:]
+
+
 def window_logits(view: ScoringView, window: int, keys_upto: int | None = None) -> torch.Tensor:
     """Scaled logits of the last ``window`` queries to the first ``keys_upto`` keys (all by default).
 
     float32 ``[B, H_kv, G, W, keys_upto]``, unmasked: the G query heads of a
     GQA group read their KV head.
     """
-    if view.queries is None or view.queries.shape[2] < window:
-        have = 0 if view.queries is None else view.queries.shape[2]
-        raise ValueError(f"the press needs the last {window} context queries, the runtime captured {have}")
-    q = view.queries[:, :, -window:].float()
+    q = last_queries(view, window).float()
     k = view.keys[:, :, :keys_upto].float()
     b, h, w, d = q.shape
     h_kv = k.shape[1]
@@ -44,6 +49,20 @@ def window_attention(view: ScoringView, window: int) -> torch.Tensor:
     b, h_kv, g, w, n = logits.shape
     hidden = window_hidden(n, w, logits.device)
     return logits.masked_fill(hidden, float("-inf")).softmax(-1).reshape(b, h_kv * g, w, n)
+
+
+def window_attention_mean(view: ScoringView, window: int) -> torch.Tensor:
+    """:func:`window_attention` averaged over the window, for the keys before it: float32 ``[B, H, N - W]``.
+
+    On CUDA a fused kernel (:mod:`curdkv.kernels.window_attention`) does it
+    without the ``[B, H, W, N]`` matrix.
+    """
+    from ..kernels.window_attention import window_attention_mean as fused, window_mean_supported
+
+    q, n = last_queries(view, window), view.keys.shape[2]
+    if q.is_cuda and window_mean_supported(q, view.keys):
+        return fused(q, view.keys, view.scaling, n - window)
+    return window_attention(view, window)[..., : n - window].mean(2)
 
 
 @dataclass
@@ -76,7 +95,7 @@ class SnapKVPress(WindowPress):
 
     def score(self, view: ScoringView) -> torch.Tensor:
         n, w = self.window_bounds(view)
-        attn = window_attention(view, w)[..., : n - w].mean(2)  # [B, H, N - W]
+        attn = window_attention_mean(view, w)  # [B, H, N - W]
         pad = self.kernel_size // 2
         pooled = F.avg_pool1d(attn, self.kernel_size, stride=1, padding=pad, count_include_pad=False)
         b, h = pooled.shape[:2]
