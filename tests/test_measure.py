@@ -266,9 +266,11 @@ def test_window_attention_kernel_refuses_unsupported_shapes():
     if leverage.triton is None:
         pytest.skip("Triton is not installed: the kernel is never called")
     with pytest.raises(ValueError, match="power-of-two window"):
-        window_attention_mean(torch.randn(1, 2, 12, 16), torch.randn(1, 2, 50, 16), 0.25, 38)
+        window_attention_mean(torch.randn(1, 2, 12, 16).half(), torch.randn(1, 2, 50, 16).half(), 0.25, 38)
+    with pytest.raises(ValueError, match="bf16/fp16"):  # float32 would be rounded to TF32 by the dot
+        window_attention_mean(torch.randn(1, 2, 16, 16), torch.randn(1, 2, 50, 16), 0.25, 34)
     with pytest.raises(ValueError, match="upto must be in"):
-        window_attention_mean(torch.randn(1, 2, 16, 16), torch.randn(1, 2, 50, 16), 0.25, 40)
+        window_attention_mean(torch.randn(1, 2, 16, 16).half(), torch.randn(1, 2, 50, 16).half(), 0.25, 40)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and leverage.triton is not None), reason="needs CUDA and Triton")

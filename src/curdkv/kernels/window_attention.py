@@ -35,10 +35,16 @@ def _next_pow2(x: int) -> int:
 
 
 def window_mean_supported(queries: torch.Tensor, keys: torch.Tensor) -> bool:
-    """Whether :func:`window_attention_mean` takes these shapes (power-of-two window and head dim)."""
+    """Whether :func:`window_attention_mean` takes these tensors.
+
+    Half precision only: with float32 inputs Triton's dot would round them to
+    TF32, less exact than the plain float32 path. Power-of-two window and
+    head dim, and at most 512 window rows per GQA group.
+    """
     w, d = queries.shape[2], queries.shape[3]
     return (
-        triton is not None and queries.dtype == keys.dtype and queries.device == keys.device
+        triton is not None and queries.dtype in (torch.bfloat16, torch.float16) and queries.dtype == keys.dtype
+        and queries.device == keys.device
         and w >= 16 and w & (w - 1) == 0 and 16 <= d <= 256 and d & (d - 1) == 0
         and queries.shape[1] % keys.shape[1] == 0 and _next_pow2(queries.shape[1] // keys.shape[1]) * w <= 512
     )
@@ -53,7 +59,7 @@ def window_attention_mean(queries: torch.Tensor, keys: torch.Tensor, scaling: fl
     """
     if not window_mean_supported(queries, keys):
         raise ValueError(
-            "window_attention_mean needs Triton, queries and keys of one dtype and device, a power-of-two window "
+            "window_attention_mean needs Triton, bf16/fp16 queries and keys of one dtype and device, a power-of-two window "
             f">= 16 and head dim in [16, 256], got queries {tuple(queries.shape)} {queries.dtype}, keys {tuple(keys.shape)}"
         )
     b, h, w, d = queries.shape
