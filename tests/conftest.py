@@ -13,6 +13,12 @@ TINY_ARCHS = ("tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _MODELS: dict[tuple[str, torch.dtype], torch.nn.Module] = {}
+TINY_VOCAB = 256  # vocab_size of the tiny architectures
+
+
+def random_ids(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """Token ids ``[batch, n]`` for the tiny models, from a seeded generator."""
+    return torch.randint(0, TINY_VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
 def tiny_model(arch: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

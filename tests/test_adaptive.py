@@ -12,14 +12,9 @@ from curdkv.presses import ChunkKVPress, KNormPress, SnapKVPress, StreamingLLMPr
 from curdkv.runtime import compress_layer
 from curdkv.selection import select_adaptive, select_uniform
 
-from conftest import DTYPES
+from conftest import DTYPES, random_ids
 
-VOCAB = 256
 ADAPTIVE = ("adacurdkv", "adasnapkv", "adacurdkv-sketch")
-
-
-def random_ids(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
 def slow_adaptive(scores: torch.Tensor, n_keep: int, alpha: float, sinks: int, recent: int) -> torch.Tensor:

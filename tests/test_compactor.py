@@ -37,16 +37,11 @@ from curdkv.presses.compactor import (
     zscore,
 )
 
-from conftest import TINY_ARCHS, tiny_model
+from conftest import TINY_ARCHS, random_ids, tiny_model
 
-VOCAB = 256
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def random_ids(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
 def attention_module(arch: str):

@@ -16,7 +16,7 @@ from curdkv.presses.h2o import H2OPress, accumulated_attention
 from curdkv.ragged_layer import RaggedLayer
 from curdkv.selection import kept_count, select_uniform
 
-from conftest import tiny_model
+from conftest import random_ids, tiny_model
 
 B, H_KV = 2, 2
 
@@ -196,10 +196,6 @@ def test_defaults_and_contract():
 
 
 # --------------------------------------------------------------------------- on a model
-
-
-def random_ids(n: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen3"])

@@ -14,7 +14,7 @@ from curdkv.presses.obcache import OBCachePress
 from curdkv.ragged_layer import RaggedLayer
 from curdkv.selection import kept_count, select_uniform
 
-from conftest import tiny_model
+from conftest import random_ids, tiny_model
 
 B, H_KV = 2, 2
 SALIENCIES = ("value", "key", "joint")
@@ -256,10 +256,6 @@ def test_defaults_and_with_ratio():
 
 
 # --------------------------------------------------------------------------- on a model
-
-
-def random_ids(n: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("saliency", SALIENCIES)

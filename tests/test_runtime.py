@@ -13,20 +13,14 @@ from curdkv import CompressedCache, CompressedLayer, Press, ScoringView
 from curdkv.attention import _recorders, using_curdkv_attention
 from curdkv.selection import select_uniform
 
-from conftest import DTYPES
+from conftest import DTYPES, random_ids
 
 # Uniform presses; head-adaptive ones are tested in test_adaptive.py.
 # Uniform presses: every layer and head keeps the same count (LAVa and PyramidKV set
 # layer budgets; their own tests check them).
 PRESS_NAMES = sorted(name for name in curdkv.PRESSES if not name.startswith("ada") and name not in ("lava", "pyramidkv"))
-VOCAB = 256  # vocab_size of the tiny architectures
 N = 200  # context length: > SnapKV's window of 64 at every ratio used here
 RATIO = 0.5
-
-
-def random_ids(n: int = N, batch: int = 1, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (batch, n), generator=gen)
 
 
 def make_press(name: str, ratio: float = RATIO) -> Press:
@@ -68,7 +62,7 @@ def assert_same_generation(model, generated: list[int], reference: list[int]) ->
 @pytest.mark.parametrize("press_name", PRESS_NAMES)
 def test_sweep_path_keeps_same_tokens_as_layer_by_layer(model, press_name):
     press = make_press(press_name)
-    ids = random_ids()
+    ids = random_ids(N)
     cap = curdkv.capture_prefill(model, ids, query_window=press.query_window)
     cache_a = cap.build_cache(press)
 

@@ -199,8 +199,8 @@ def measure_length(model, settings: BenchSettings, length: int, bandwidth: float
             capture.forget_scores()
             built[:] = [capture.build_cache(press)]
 
-        overhead = 0.0 if press is None else device_seconds(build, device, settings.repeats)
         wall = 0.0 if press is None else median_seconds(build, device, settings.repeats)
+        overhead = 0.0 if press is None else device_seconds(build, device, settings.repeats, host_seconds=wall)
         if not built:
             build()
         cache = built[0]

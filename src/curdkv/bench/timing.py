@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -41,7 +42,7 @@ def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> f
     return statistics.median(times)
 
 
-def device_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+def device_seconds(fn, device: torch.device, repeats: int, warmup: int = 1, host_seconds: float | None = None) -> float:
     """Median GPU time of ``fn()`` while the host runs ahead of the GPU, as it does inside a prefill.
 
     Timed alone, a function that launches many small kernels measures the
@@ -51,12 +52,15 @@ def device_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> f
     time plus any wait it forces on the host. Here a GPU sleep longer than
     ``fn``'s host time is queued first, so ``fn``'s launches are all queued
     before the GPU reaches them; a host synchronisation inside ``fn`` still
-    shows up, as the idle time it causes. On CPU this is :func:`median_seconds`.
+    shows up, as the idle time it causes. ``host_seconds``: ``fn`` timed alone
+    (:func:`median_seconds`) if the caller has it already, else measured here,
+    to size the sleep. On CPU this is :func:`median_seconds`.
     """
     if device.type != "cuda":
         return median_seconds(fn, device, repeats, warmup)
-    host = median_seconds(fn, device, max(1, min(repeats, 3)), warmup)
-    cycles = int(2 * host * _sleep_cycles_per_second(device)) + 1
+    if host_seconds is None:
+        host_seconds = median_seconds(fn, device, max(1, min(repeats, 3)), warmup)
+    cycles = int(2 * host_seconds * _sleep_cycles_per_second(device.index)) + 1
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -69,7 +73,8 @@ def device_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> f
     return statistics.median(times)
 
 
-def _sleep_cycles_per_second(device: torch.device) -> float:
+@functools.cache
+def _sleep_cycles_per_second(device_index: int | None) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     cycles = 10_000_000
     torch.cuda._sleep(cycles)  # warm-up

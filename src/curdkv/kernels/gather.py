@@ -1,21 +1,18 @@
 """The kept rows of K and V, copied in one launch at memory speed.
 
-``torch.gather`` with the index expanded over the head dimension loads an
-int64 index for every element it copies (8 bytes of index per 2-byte
-value, even if cached) and handles K and V in two launches: 0.77 ms for a
-Llama-3.1-8B layer at 128K tokens and 50% on an H100, four times the time
-to read and write the kept half once. Here each program copies a block of
-rows of one head for both K and V, reading each row's index once.
+``torch.gather`` with the index expanded over the head dimension reads an
+int64 index for every element it copies and handles K and V in two
+launches: 0.44 ms of GPU time for a Llama-3.1-8B layer at 128K tokens and
+50% on an H100. Here each program copies a block of rows of one head for
+both K and V, reading each row's index once: 0.19 ms
+(``benchmarks/compression_overhead.py``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .leverage import triton
-
-if triton is not None:
-    import triton.language as tl
+from .common import pow2_between, tl, triton
 
 # Rows per program: 64 rows of D = 128 bf16 is 16 KB of K and of V in flight.
 BLOCK_ROWS = 64
@@ -26,7 +23,7 @@ def gather_supported(keys: torch.Tensor, values: torch.Tensor) -> bool:
     dims = (keys.shape[-1], values.shape[-1])
     return (
         triton is not None and keys.dtype == values.dtype and keys.device == values.device
-        and all(d >= 16 and d & (d - 1) == 0 for d in dims) and keys.shape[:3] == values.shape[:3]
+        and all(pow2_between(d, 16) for d in dims) and keys.shape[:3] == values.shape[:3]
     )
 
 

@@ -30,13 +30,7 @@ from __future__ import annotations
 
 import torch
 
-try:  # Triton is optional: the package runs on CPU machines without it.
-    import triton
-    import triton.language as tl
-except Exception:  # ImportError, or a broken install
-    triton = tl = None
-
-HALF_DTYPES = (torch.bfloat16, torch.float16)
+from .common import HALF_DTYPES, pow2_between, tl, triton
 # Rows of X per tile. 64 keeps the D x D accumulator plus two tiles in
 # registers at D = 128 with 8 warps.
 BLOCK_N = 64
@@ -50,8 +44,7 @@ def fast_path_available(x: torch.Tensor) -> bool:
     """Whether ``x [B, H, N, D]`` can take the Triton kernels here."""
     d = x.shape[-1]
     return (
-        triton is not None and x.is_cuda and x.dtype in HALF_DTYPES
-        and 16 <= d <= 256 and d & (d - 1) == 0
+        triton is not None and x.is_cuda and x.dtype in HALF_DTYPES and pow2_between(d, 16, 256)
     )
 
 
@@ -159,7 +152,7 @@ def whitening_without_sync(gram_matrix: torch.Tensor, ridge: float = 1e-6) -> to
     extra = (FALLBACK_RIDGE - ridge) * torch.eye(d, dtype=g.dtype, device=g.device)
     chol, info = torch.linalg.cholesky_ex(torch.stack([g, g + extra]))
     w = _inverse_transpose(chol)
-    ok = (info[0] == 0).unsqueeze(-1).unsqueeze(-1)
+    ok = (info[0] == 0)[..., None, None]
     return s.unsqueeze(-1) * torch.where(ok, w[0], w[1])
 
 

@@ -34,6 +34,7 @@ import math
 import torch
 
 from ..ragged import RaggedKV
+from .common import next_pow2, tl, triton
 
 # Tuned on an H100 (benchmarks/ragged_decode_kernel.py --sweep, Llama-3.1-8B
 # decode shapes, bf16). Splits as short as one 64-token block still pay:
@@ -46,13 +47,6 @@ MIN_TOKENS_PER_SPLIT = 64
 PROGRAMS_PER_SM = 4
 # Bounds the partial-output buffer and the merge for very skewed budgets.
 MAX_SPLITS = 1024
-
-
-try:  # Triton is optional: the package runs on CPU machines without it.
-    import triton
-    import triton.language as tl
-except Exception:  # ImportError, or a broken install
-    triton = tl = None
 
 
 def triton_available() -> bool:
@@ -224,15 +218,11 @@ def _sm_count(device: torch.device) -> int:
     return 4  # interpreter runs (TRITON_INTERPRET=1 on CPU): small, so splitting is exercised
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def default_config(head_dim: int, dtype: torch.dtype, rows: int) -> dict:
     """Tile sizes: ``block_m`` from the rows per GQA group; ``block_n``/stages so two pipelined K/V tiles fit in shared memory."""
     block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
     elem = torch.finfo(dtype).bits // 8
-    block_d = max(16, _next_pow2(head_dim))
+    block_d = max(16, next_pow2(head_dim))
     block_n = 64 if block_d * elem <= 256 else 32
     return {"block_m": block_m, "block_n": block_n, "num_warps": 4, "num_stages": 2}
 
@@ -292,7 +282,7 @@ def ragged_attention_triton(query: torch.Tensor, kv: RaggedKV, scaling: float | 
     num_warps = num_warps or cfg["num_warps"]
     num_stages = num_stages or cfg["num_stages"]
     block_m = cfg["block_m"]
-    block_d = max(16, _next_pow2(d))
+    block_d = max(16, next_pow2(d))
     m_tiles = -(-rows // block_m)
     # Sizes of the virtual sequences (context + tail) that the splits cut.
     chunk, splits = plan_splits(
@@ -323,7 +313,7 @@ def ragged_attention_triton(query: torch.Tensor, kv: RaggedKV, scaling: float | 
         num_warps=num_warps, num_stages=num_stages,
     )
     if not single:
-        block_s = min(128, _next_pow2(splits))
+        block_s = min(128, next_pow2(splits))
         block_dm = min(block_d, 32)
         merge[(b * h_kv * rows, block_d // block_dm)](
             part_o, part_l, offsets, out,

@@ -20,18 +20,11 @@ from __future__ import annotations
 
 import torch
 
-from .leverage import triton
-
-if triton is not None:
-    import triton.language as tl
+from .common import HALF_DTYPES, next_pow2, pow2_between, tl, triton
 
 BLOCK_KEYS = 64
 # Key ranges per KV head in pass 1: enough programs to fill an H100 at batch 1 with 8 KV heads.
 SPLITS = 32
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, x - 1).bit_length()
 
 
 def window_mean_supported(queries: torch.Tensor, keys: torch.Tensor) -> bool:
@@ -43,10 +36,9 @@ def window_mean_supported(queries: torch.Tensor, keys: torch.Tensor) -> bool:
     """
     w, d = queries.shape[2], queries.shape[3]
     return (
-        triton is not None and queries.dtype in (torch.bfloat16, torch.float16) and queries.dtype == keys.dtype
-        and queries.device == keys.device
-        and w >= 16 and w & (w - 1) == 0 and 16 <= d <= 256 and d & (d - 1) == 0
-        and queries.shape[1] % keys.shape[1] == 0 and _next_pow2(queries.shape[1] // keys.shape[1]) * w <= 512
+        triton is not None and queries.dtype in HALF_DTYPES and queries.dtype == keys.dtype
+        and queries.device == keys.device and pow2_between(w, 16) and pow2_between(d, 16, 256)
+        and queries.shape[1] % keys.shape[1] == 0 and next_pow2(queries.shape[1] // keys.shape[1]) * w <= 512
     )
 
 
@@ -67,7 +59,7 @@ def window_attention_mean(queries: torch.Tensor, keys: torch.Tensor, scaling: fl
     if not 0 <= upto <= n - w:
         raise ValueError(f"upto must be in [0, N - W] = [0, {n - w}], got {upto}")
     group = h // h_kv
-    group_pad = _next_pow2(group)
+    group_pad = next_pow2(group)
     q = queries.reshape(b * h_kv, group * w, d)
     if group_pad != group:
         q = torch.cat([q, q.new_zeros(b * h_kv, (group_pad - group) * w, d)], dim=1)
@@ -78,7 +70,7 @@ def window_attention_mean(queries: torch.Tensor, keys: torch.Tensor, scaling: fl
     rows = group_pad * w
     # Blocks per program, rounded up to a power of two so that the loop's trip count can be a
     # compile-time constant without compiling a kernel for every context length.
-    blocks = _next_pow2(triton.cdiv(triton.cdiv(n, BLOCK_KEYS), SPLITS))
+    blocks = next_pow2(triton.cdiv(triton.cdiv(n, BLOCK_KEYS), SPLITS))
     splits = triton.cdiv(n, blocks * BLOCK_KEYS)
     part_max = torch.empty(b * h_kv, splits, rows, device=keys.device, dtype=torch.float32)
     part_sum = torch.empty_like(part_max)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..kernels.window_attention import window_attention_mean as fused_window_mean, window_mean_supported
 from .base import ScoringView, WindowPress, check_odd_kernel
 
 
@@ -57,11 +58,9 @@ def window_attention_mean(view: ScoringView, window: int) -> torch.Tensor:
     On CUDA a fused kernel (:mod:`curdkv.kernels.window_attention`) does it
     without the ``[B, H, W, N]`` matrix.
     """
-    from ..kernels.window_attention import window_attention_mean as fused, window_mean_supported
-
     q, n = last_queries(view, window), view.keys.shape[2]
     if q.is_cuda and window_mean_supported(q, view.keys):
-        return fused(q, view.keys, view.scaling, n - window)
+        return fused_window_mean(q, view.keys, view.scaling, n - window)
     return window_attention(view, window)[..., : n - window].mean(2)
 
 
