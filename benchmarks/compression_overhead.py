@@ -9,6 +9,9 @@ Each time is given twice: ``device`` is the GPU time with the host running
 ahead (as inside a prefill, :func:`curdkv.bench.timing.device_seconds`;
 host synchronisations count as the idle time they cause) and ``wall`` the
 call timed alone, which for many small launches is the host's launch time.
+On CUDA, each configuration is also queued on a second stream beside one
+layer's causal attention over the same context, as an overlapped prefill
+does (:mod:`curdkv.overlap`): ``added_ms`` is what it adds to the attention.
 
     python benchmarks/compression_overhead.py --out results/compression_overhead.json
 """
@@ -22,7 +25,7 @@ import types
 import torch
 
 import curdkv
-from curdkv.bench.timing import copy_bandwidth, device_seconds, median_seconds
+from curdkv.bench.timing import copy_bandwidth, device_seconds, median_seconds, overlapped_seconds
 from curdkv.environment import environment
 from curdkv.kernels import leverage
 from curdkv.presses.base import ScoringView
@@ -38,12 +41,45 @@ def states(b, h_kv, n, d, dtype, device, seed=0):
     return x.to(dtype)
 
 
+def beside_attention(keys, values, queries, module, device, args) -> list[dict]:
+    """Compression queued on a second stream beside compute-bound attention (as in an overlapped prefill).
+
+    The attention is that of the last ``--beside-queries`` tokens over the
+    whole context (tens of milliseconds of tensor-core work, far longer than
+    the compression); ``added_ms`` is what the compression adds to it
+    (:func:`curdkv.bench.timing.overlapped_seconds`).
+    """
+    b, h_kv, n, d = keys.shape
+    q = states(b, queries.shape[1], args.beside_queries, d, keys.dtype, device, 3)
+    attend = lambda: torch.nn.functional.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
+    attention = device_seconds(attend, device, args.repeats, host_seconds=median_seconds(attend, device, 3))
+    rows = []
+    for method in args.beside_methods.split(","):
+        for ratio in (float(r) for r in args.ratios.split(",")):
+            p = curdkv.get_press(method, ratio)
+            window = queries[:, :, -p.query_window:] if p.query_window else None
+            compress = lambda: compress_layer(p, keys, values, window, module, 0)
+            alone = device_seconds(compress, device, args.repeats, host_seconds=median_seconds(compress, device, 3))
+            added = overlapped_seconds(
+                lambda problems: compress_layer(p, keys, values, window, module, 0, problems=problems),
+                attend, device, args.beside_rounds,
+            )
+            rows.append(dict(method=method, compression_ratio=ratio, attention_ms=attention * 1000,
+                             compression_alone_ms=alone * 1000, added_ms=added * 1000, hidden_fraction=1 - added / alone))
+            print(f"{method:14s} {ratio:.0%} beside attention ({attention * 1000:.1f} ms): adds {added * 1000:6.3f} ms "
+                  f"of its {alone * 1000:.3f} ms ({1 - added / alone:.0%} hidden)", flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=131072)
     parser.add_argument("--ratios", default="0.5,0.9")
     parser.add_argument("--methods", default="curdkv,curdkv-sketch,adacurdkv,snapkv,knorm")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--beside-methods", default="curdkv,adacurdkv,snapkv")
+    parser.add_argument("--beside-queries", type=int, default=8192)
+    parser.add_argument("--beside-rounds", type=int, default=15)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -97,11 +133,15 @@ def main(argv=None) -> None:
                              vs_bandwidth_limit=t["device"] / limit_ms))
             print(f"{method:14s} {ratio:.0%}: {t['device']:7.3f} ms on the GPU ({t['device'] / limit_ms:5.2f}x the limit), "
                   f"{t['wall']:7.3f} ms timed alone", flush=True)
+    beside = []
+    if device.type == "cuda":
+        beside = beside_attention(keys, values, queries, module, device, args)
     for name, t in stages.items():
         print(f"  stage {name:40s} {t['device']:7.3f} ms on the GPU, {t['wall']:7.3f} ms alone", flush=True)
     print(f"limit (K and V read once at {bandwidth / 1e9:.0f} GB/s): {limit_ms:.3f} ms")
     result = dict(environment=environment(), settings=vars(args), shape=dict(batch=b, kv_heads=h_kv, heads=h, head_dim=d, tokens=n),
-                  copy_bandwidth_gb_s=bandwidth / 1e9, bandwidth_limit_ms=limit_ms, stages_ms=stages, rows=rows)
+                  copy_bandwidth_gb_s=bandwidth / 1e9, bandwidth_limit_ms=limit_ms, stages_ms=stages, rows=rows,
+                  beside_attention=beside)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 

@@ -322,7 +322,12 @@ def test_bench_cpu_json_and_resume(tmp_path, monkeypatch):
         assert r["prefill_s"] > 0 and r["decode_ms_per_token"] > 0
         assert (r["overhead_ms_per_layer"] > 0) == (r["method"] != "full")
         assert (r["overhead_wall_ms_total"] > 0) == (r["method"] != "full")
-    assert "curdkv_overhead_percent" in result["goals"]
+        # On CPU nothing overlaps: the layer's own time, as a share of the prefill over both layers.
+        assert (r["overlapped_overhead_ms_per_layer"] > 0) == (r["method"] != "full")
+        assert r["overlapped_overhead_percent_of_prefill"] == pytest.approx(
+            100 * r["overlapped_overhead_ms_per_layer"] * 2 / 1000 / full["prefill_s"])
+    assert "curdkv_overhead_percent" in result["goals"] and "curdkv_overlapped_overhead_percent" in result["goals"]
+    assert "overlapped % prefill" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").stat().st_size > 0 and "### 768 tokens" in (tmp_path / "bench.md").read_text()
     # A second run adds a length and keeps the first one's measurements.
     more = BenchSettings(**{**settings.as_dict(), "lengths": (768, 1024)})

@@ -16,6 +16,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from .ragged import RaggedKV, offsets_from_lengths
+from .selection import gather_kv_tokens
 
 # Appended tokens are written into a preallocated tail grown in steps of at
 # least this many tokens, so decoding does not copy the tail at every step.
@@ -33,24 +34,44 @@ class RaggedLayer(DynamicLayer):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.context_keys = self.context_values = None
-        self.offsets = self.lengths = None
+        self.offsets = None
+        self._lengths = self._host_lengths = None
         self.context_length = 0
         self.tail_length = 0
         self._tail_k = self._tail_v = None
 
     @classmethod
-    def from_mask(cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> "RaggedLayer":
-        """Keep ``keys``/``values [B, H_kv, N, D]`` where ``keep [B, H_kv, N]`` is true."""
+    def from_mask(
+        cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, total: int | None = None
+    ) -> "RaggedLayer":
+        """Keep ``keys``/``values [B, H_kv, N, D]`` where ``keep [B, H_kv, N]`` is true.
+
+        ``total``: how many entries ``keep`` has set, when the caller knows
+        (a head-adaptive selection keeps exactly ``B * H_kv * budget``). The
+        packing then never waits for the GPU: it needs no count read back,
+        the per-head lengths stay on the device until something asks for
+        them, and checking that no head is empty is left to the caller
+        (:meth:`empty_heads`). Without it the lengths are read back at once
+        and an empty head raises here.
+        """
         if keep.shape != keys.shape[:3] or keys.shape[:3] != values.shape[:3]:
             raise ValueError(f"keep {tuple(keep.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)} disagree")
-        lengths = keep.sum(-1).cpu()
-        if bool((lengths == 0).any()):
-            raise ValueError("every KV head must keep at least one token")
         layer = cls()
         layer.dtype, layer.device = keys.dtype, keys.device
-        layer.context_keys, layer.context_values = keys[keep], values[keep]
-        layer.lengths = lengths
-        layer.offsets = offsets_from_lengths(lengths, keys.device)
+        if total is None:
+            layer.lengths = keep.sum(-1).cpu()
+            if bool((layer.lengths == 0).any()):
+                raise ValueError("every KV head must keep at least one token")
+            layer.context_keys, layer.context_values = keys[keep], values[keep]
+            layer.offsets = offsets_from_lengths(layer.lengths, keys.device)
+        else:
+            rows = torch.nonzero_static(keep.reshape(-1), size=total).reshape(1, 1, total)
+            flat_k, flat_v = (x.reshape(1, 1, -1, x.shape[-1]) for x in (keys, values))
+            packed_k, packed_v = gather_kv_tokens(flat_k, flat_v, rows)
+            layer.context_keys, layer.context_values = packed_k[0, 0], packed_v[0, 0]
+            lengths = keep.sum(-1)
+            layer.lengths = lengths
+            layer.offsets = torch.nn.functional.pad(lengths.reshape(-1).cumsum(0), (1, 0))
         layer.context_length = keys.shape[2]
         b, h, _, d = keys.shape
         layer._tail_k = keys.new_empty(b, h, 0, d)
@@ -67,12 +88,29 @@ class RaggedLayer(DynamicLayer):
         layer.dtype, layer.device = keys.dtype, keys.device
         layer.context_keys, layer.context_values = keys.reshape(-1, d), values.reshape(-1, values.shape[-1])
         layer.lengths = torch.full((b, h), k, dtype=torch.int64)
-        layer.offsets = offsets_from_lengths(layer.lengths, keys.device)
+        # Built on the device: copying offsets from the host would wait for the GPU's queue.
+        layer.offsets = torch.arange(b * h + 1, device=keys.device) * k
         layer.context_length = context_length
         layer._tail_k, layer._tail_v = keys.new_empty(b, h, 0, d), values.new_empty(b, h, 0, values.shape[-1])
         layer._expose_tail()
         layer.is_initialized = True
         return layer
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """``[B, H_kv]`` int64 context tokens per head, on the CPU (read back once if kept on the device)."""
+        if self._host_lengths is None and self._lengths is not None:
+            self._host_lengths = self._lengths.cpu()
+        return self._host_lengths
+
+    @lengths.setter
+    def lengths(self, value: torch.Tensor) -> None:
+        self._lengths = value
+        self._host_lengths = value if value.device.type == "cpu" else None
+
+    def empty_heads(self) -> torch.Tensor:
+        """``[B, H_kv]`` bool: heads that kept no context token, where the lengths are (no read back)."""
+        return self._lengths == 0
 
     @classmethod
     def concat(cls, layers: list["RaggedLayer"]) -> "RaggedLayer":

@@ -20,6 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from .attention import QueryRecorder, recording_queries, using_curdkv_attention
+from .overlap import SideStream, layer_problems
 from .cache import CompressedCache, CompressedLayer
 from .presses.base import ALL_QUERIES, Press, ScoringView, check_choice
 from .ragged_layer import MaskedLayer, RaggedLayer
@@ -123,7 +124,7 @@ def _nan_report(press: Press, scores, layer_idx: int, keys, values, queries) -> 
 
 def compress_layer(
     press: Press, keys, values, queries, module, layer_idx: int, layout: str | None = None,
-    scores: torch.Tensor | None = None, n_keep: int | None = None,
+    scores: torch.Tensor | None = None, n_keep: int | None = None, problems: list | None = None,
 ):
     """One layer's compressed cache: a :class:`CompressedLayer`, :class:`RaggedLayer` or :class:`MaskedLayer`.
 
@@ -132,6 +133,9 @@ def compress_layer(
     presses, and for every press on CUDA with Triton) or ``"masked"`` (everything stored, evicted entries hidden: the
     reference layout, which saves no memory). ``scores`` and ``n_keep``
     (tokens per head) default to the press's own at this layer.
+    ``problems``: on CUDA, a list to append this layer's checks to (NaN
+    scores, heads left empty) instead of reading them back here
+    (:mod:`curdkv.overlap`); the caller raises them later.
     """
     adaptive = is_head_adaptive(press)
     layout = layout or ("ragged" if adaptive or fast_ragged(keys) else "dense")
@@ -147,31 +151,45 @@ def compress_layer(
         return CompressedLayer.from_states(keys, values, 0)
     if scores is None:
         scores = layer_scores(press, keys, values, queries, module, layer_idx)
-    # On the GPU the NaN check waits until the layer's selection and copies are
-    # queued: reading the flag earlier would drain the queue mid-layer and leave
+    # On the GPU the checks wait until the layer's selection and copies are
+    # queued: reading a flag earlier would drain the queue mid-layer and leave
     # the GPU idle while the host launches the rest.
     deferred = keys.is_cuda
     chosen = select_tokens(press, keys, values, queries, module, layer_idx, scores=scores, n_keep=n_keep,
                            check_nan=not deferred)
-    layer = _layer_from_choice(chosen, keys, values, layout, adaptive)
-    if deferred and bool(torch.isnan(scores).any()):
+    layer, empty_heads = _layer_from_choice(chosen, keys, values, layout, adaptive, n_keep)
+    found = layer_problems(press, layer_idx, scores, empty_heads)
+    if deferred and problems is not None:
+        problems.append(found)
+        return layer
+    counts = found.counts.cpu()
+    if bool((counts[0] > 0).any()):
         raise ValueError(_nan_report(press, scores, layer_idx, keys, values, queries))
+    message = found.message(counts)
+    if message is not None:
+        raise ValueError(message)
     return layer
 
 
-def _layer_from_choice(chosen: torch.Tensor, keys, values, layout: str, adaptive: bool):
+def _layer_from_choice(chosen: torch.Tensor, keys, values, layout: str, adaptive: bool, n_keep: int):
+    """The layer keeping ``chosen`` (sorted indices, or a head-adaptive keep mask), and which heads
+    kept nothing (``[B, H_kv]`` bool on the device; ``None`` where every head keeps the same count)."""
     n = keys.shape[2]
     if adaptive:
         keep = chosen
     elif layout == "dense":
         kept_keys, kept_values = gather_kv_tokens(keys, values, chosen)
-        return CompressedLayer.from_states(kept_keys, kept_values, n - chosen.shape[-1])
+        return CompressedLayer.from_states(kept_keys, kept_values, n - chosen.shape[-1]), None
     elif layout == "ragged":
-        return RaggedLayer.from_dense(*gather_kv_tokens(keys, values, chosen), n)
+        return RaggedLayer.from_dense(*gather_kv_tokens(keys, values, chosen), n), None
     else:
         keep = torch.zeros(keys.shape[:3], dtype=torch.bool, device=keys.device).scatter_(-1, chosen, True)
-    layer_class = RaggedLayer if layout == "ragged" else MaskedLayer
-    return layer_class.from_mask(keys, values, keep)
+    if layout == "masked":
+        return MaskedLayer.from_mask(keys, values, keep), keep.sum(-1) == 0
+    # Only a head-adaptive selection gets here, and it keeps exactly its budget
+    # per batch element: the packed size is known without reading a count back.
+    layer = RaggedLayer.from_mask(keys, values, keep, total=keys.shape[0] * keys.shape[1] * n_keep)
+    return layer, layer.empty_heads()
 
 
 def select_tokens(
@@ -222,7 +240,9 @@ def _refuse_padding(module, args, kwargs):
         )
 
 
-def _compress_after_attention(press: Press, layout, recorder: QueryRecorder, module, args, kwargs, output):
+def _compress_after_attention(
+    press: Press, layout, recorder: QueryRecorder, side: SideStream | None, module, args, kwargs, output
+):
     cache = kwargs.get("past_key_values")
     hidden = kwargs.get("hidden_states", args[0] if args else None)
     queries = recorder.pop(module.layer_idx)
@@ -231,9 +251,20 @@ def _compress_after_attention(press: Press, layout, recorder: QueryRecorder, mod
     layer = cache.layers[module.layer_idx]
     if layer.get_seq_length() != hidden.shape[1]:
         return  # not a first prefill: tokens appended to an existing cache are never evicted
-    cache.layers[module.layer_idx] = compress_layer(
-        press, layer.keys, layer.values, queries, module, module.layer_idx, layout
-    )
+    keys, values = layer.keys, layer.values
+    if side is not None and keys.is_cuda:
+        compressed = side.run(
+            lambda problems: compress_layer(press, keys, values, queries, module, module.layer_idx, layout,
+                                            problems=problems),
+            (keys, values, queries), keys.device,
+        )
+    else:
+        compressed = compress_layer(press, keys, values, queries, module, module.layer_idx, layout)
+    cache.layers[module.layer_idx] = compressed
+
+
+def _join_side_stream(side: SideStream, model, args, kwargs, output):
+    side.finish()
 
 
 def _budget_after_attention(budget, module, args, kwargs, output):
@@ -265,7 +296,9 @@ def _compress_after_prefill(press: Press, layout, recorder: QueryRecorder, modul
 
 
 @contextlib.contextmanager
-def compress(model, press: Press, layout: str | None = None, max_cache_tokens: int | None = None):
+def compress(
+    model, press: Press, layout: str | None = None, max_cache_tokens: int | None = None, overlap: bool = True
+):
     """Compress the KV cache of every prefill run inside the block.
 
     >>> with curdkv.compress(model, curdkv.CurDKVPress(compression_ratio=0.5)):
@@ -279,10 +312,20 @@ def compress(model, press: Press, layout: str | None = None, max_cache_tokens: i
     queries) compress every layer when the prefill's forward pass ends.
     Hooks and the attention switch are removed on exit, also after an error.
     A ratio of 0 changes nothing. ``layout``: see :func:`compress_layer`.
+
+    ``overlap`` (CUDA): each layer is compressed on a second stream while the
+    next layers' prefill runs (:mod:`curdkv.overlap`), which hides most of
+    the compression time; the kept tokens are the same. Problems it finds
+    (NaN scores) are then raised when the prefill's forward pass ends rather
+    than at the layer; ``overlap=False`` compresses on the prefill's stream
+    and checks each layer at once.
     """
     check_press(press)
     if layout is not None:
         check_choice("layout", layout, LAYOUTS)
+    if not isinstance(overlap, bool):
+        raise ValueError(f"overlap must be True or False, got {overlap!r}")
+    side = None
     modules = attention_modules(model)
     if max_cache_tokens is not None:
         from .decoding import DecodeBudget
@@ -302,8 +345,9 @@ def compress(model, press: Press, layout: str | None = None, max_cache_tokens: i
         model_hook = functools.partial(_compress_after_prefill, press, layout, recorder, modules)
     else:
         recorder = QueryRecorder(press.query_window)
-        module_hook = functools.partial(_compress_after_attention, press, layout, recorder)
-        model_hook = None
+        side = SideStream() if overlap and torch.cuda.is_available() else None
+        module_hook = functools.partial(_compress_after_attention, press, layout, recorder, side)
+        model_hook = None if side is None else functools.partial(_join_side_stream, side)
     handles = []
     try:
         with using_curdkv_attention(model), recording_queries(modules, recorder):
@@ -316,6 +360,8 @@ def compress(model, press: Press, layout: str | None = None, max_cache_tokens: i
     finally:
         for h in handles:
             h.remove()
+        if side is not None:
+            side.finish(check=False)
 
 
 class PrefillCapture:

@@ -18,6 +18,7 @@ COLUMNS = [
     ("method", "method"), ("ratio", "ratio"), ("kv_text", "KV GB"), ("peak_text", "peak GB"),
     ("prefill_s", "prefill s"), ("overhead_ms_per_layer", "overhead ms/layer"),
     ("overhead_percent_text", "overhead % prefill"), ("overhead_vs_bandwidth", "x bandwidth limit"),
+    ("overlapped_text", "overlapped ms/layer"), ("overlapped_percent_text", "overlapped % prefill"),
     ("decode_ms_per_token", "decode ms/token"), ("decode_speedup", "speedup"),
     ("ideal_decode_speedup", "ideal"), ("decode_efficiency", "efficiency"),
 ]
@@ -38,7 +39,9 @@ def bench_table(result: dict) -> str:
         by_length[r["context_tokens"]].append(
             {**r, "ratio": f"{r['compression_ratio']:.0%}", "kv_text": f"{r['kv_gb']:.4g}",
              "peak_text": "" if r["peak_prefill_gb"] is None else f"{r['peak_prefill_gb']:.4g}",
-             "overhead_percent_text": f"{r['overhead_percent_of_prefill']:.3f}"}
+             "overhead_percent_text": f"{r['overhead_percent_of_prefill']:.3f}",
+             "overlapped_text": _optional(r.get("overlapped_overhead_ms_per_layer"), ".3f"),
+             "overlapped_percent_text": _optional(r.get("overlapped_overhead_percent_of_prefill"), ".3f")}
         )
     for length, rows in sorted(by_length.items()):
         lines += ["", f"### {length} tokens", "", markdown_table(rows, COLUMNS)]
@@ -50,6 +53,10 @@ def bench_table(result: dict) -> str:
                 bound = f"<= {goal['max']}" if "max" in goal else f">= {goal['min']}"
                 lines.append(f"- {name}: worst {goal['worst']:.4g} ({bound}): {'met' if goal['met'] else 'NOT met'}")
     return "\n".join(lines) + "\n"
+
+
+def _optional(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
 
 
 def plot_bench(result: dict, path) -> None:

@@ -73,6 +73,35 @@ def device_seconds(fn, device: torch.device, repeats: int, warmup: int = 1, host
     return statistics.median(times)
 
 
+def overlapped_seconds(work, beside, device: torch.device, rounds: int) -> float:
+    """Median GPU time that ``work`` adds to ``beside()`` when queued next to it on a second stream.
+
+    ``work(problems)`` is one layer's compression (:mod:`curdkv.overlap`);
+    ``beside()`` compute-bound work that takes far longer, like the prefill
+    it overlaps. Each round times ``beside()`` alone and then the pair,
+    back to back, so that clock drift cancels in the difference; what is
+    not added was hidden in resources ``beside`` left idle. On CPU there
+    is no second stream and this is ``work``'s time.
+    """
+    from ..overlap import SideStream
+
+    if device.type != "cuda":
+        return median_seconds(lambda: work([]), device, rounds)
+    side = SideStream()
+
+    def both():
+        side.run(work, (), device)
+        beside()
+        side.finish()
+
+    host = median_seconds(both, device, 3)
+    added = []
+    for _ in range(rounds):
+        alone = device_seconds(beside, device, 1, warmup=0, host_seconds=host)
+        added.append(device_seconds(both, device, 1, warmup=0, host_seconds=host) - alone)
+    return statistics.median(added)
+
+
 @functools.cache
 def _sleep_cycles_per_second(device_index: int | None) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

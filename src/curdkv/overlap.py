@@ -1,0 +1,102 @@
+"""Layer-by-layer compression on a second CUDA stream, overlapped with the prefill.
+
+A long prefill is compute-bound (attention and MLP matrix products), while
+compressing a layer is memory-bound reads plus small, latency-bound solves
+and selections. Run on the prefill's own stream, compression adds its full
+GPU time to the prefill; queued on a second stream right after a layer's
+attention, it runs beside the next layers' work and mostly fills SMs and
+memory bandwidth they leave idle. The kept tokens are the same either way.
+
+What makes this work is that nothing waits for the GPU until the prefill's
+forward pass ends: no value is read back to the host mid-layer (the NaN and
+empty-head checks are queued as small GPU tensors and read once, at the
+end), and every tensor crossing streams is marked with ``record_stream`` so
+the caching allocator does not hand its memory out while the other stream
+may still use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LayerProblems:
+    """What one compressed layer's checks found, still on the device."""
+
+    press: object
+    layer_idx: int
+    seq_len: int
+    counts: torch.Tensor  # [2, B, H_kv] int64: NaN scores per head, head kept nothing (0/1)
+
+    def message(self, counts: torch.Tensor) -> str | None:
+        """The error for ``counts`` read back to the host, ``None`` if the layer is sound."""
+        nan, empty = counts[0], counts[1]
+        if bool((nan > 0).any()):
+            heads = sorted({int(h) for h in (nan > 0).nonzero()[:, 1].tolist()})
+            return (f"{self.press!r} returned {int(nan.sum())} NaN scores at layer {self.layer_idx}, "
+                    f"KV heads {heads}, over {self.seq_len} tokens (found when the prefill ended; "
+                    f"compress(..., overlap=False) checks each layer at once and says whether its inputs were finite)")
+        if bool((empty > 0).any()):
+            return f"every KV head must keep at least one token; at layer {self.layer_idx} some kept none"
+        return None
+
+
+def layer_problems(press, layer_idx: int, scores: torch.Tensor, empty_heads: torch.Tensor | None) -> LayerProblems:
+    """Queue one layer's checks on the GPU: NaN scores per head and heads left empty."""
+    nan = torch.isnan(scores).sum(-1)
+    empty = torch.zeros_like(nan) if empty_heads is None else empty_heads.to(nan.dtype)
+    return LayerProblems(press, layer_idx, scores.shape[-1], torch.stack([nan, empty]))
+
+
+class SideStream:
+    """Runs each layer's compression on its own CUDA stream; :meth:`finish` joins it.
+
+    The side stream has the higher priority: its blocks are scheduled as soon
+    as SMs free up, so each layer's full cache is released early instead of
+    piling up behind the prefill.
+    """
+
+    def __init__(self):
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
+        self.pending: list[LayerProblems] = []
+        self.busy: set[torch.device] = set()
+
+    def run(self, fn, inputs: tuple, device: torch.device):
+        """``fn(problems)`` on the side stream of ``device`` after the work queued so far; returns its layer."""
+        main = torch.cuda.current_stream(device)
+        side = self.streams.get(device)
+        if side is None:
+            side = self.streams[device] = torch.cuda.Stream(device=device, priority=-1)
+        side.wait_stream(main)
+        for t in inputs:
+            if isinstance(t, torch.Tensor) and t.is_cuda:
+                t.record_stream(side)
+        self.busy.add(device)
+        with torch.cuda.stream(side):
+            layer = fn(self.pending)
+        for t in vars(layer).values():
+            if isinstance(t, torch.Tensor) and t.is_cuda:
+                t.record_stream(main)
+        return layer
+
+    def finish(self, check: bool = True) -> None:
+        """Make the prefill's stream wait for every queued compression; raise the first problem found."""
+        for device in self.busy:
+            torch.cuda.current_stream(device).wait_stream(self.streams[device])
+        self.busy.clear()
+        pending, self.pending = self.pending, []
+        if not check or not pending:
+            return
+        counts = torch.stack([p.counts.reshape(2, -1) for p in pending]).cpu() if _same_device(pending) else None
+        for i, problem in enumerate(pending):
+            message = problem.message((counts[i] if counts is not None else problem.counts.cpu()).reshape(problem.counts.shape))
+            if message is not None:
+                raise ValueError(message)
+
+
+def _same_device(pending: list[LayerProblems]) -> bool:
+    first = pending[0].counts
+    return all(p.counts.device == first.device and p.counts.shape == first.shape for p in pending)
