@@ -41,33 +41,34 @@ def states(b, h_kv, n, d, dtype, device, seed=0):
     return x.to(dtype)
 
 
-def beside_attention(keys, values, queries, module, device, args) -> list[dict]:
+def beside_attention(keys, values, queries, module, device, args, alone: list[dict]) -> list[dict]:
     """Compression queued on a second stream beside compute-bound attention (as in an overlapped prefill).
 
     The attention is that of the last ``--beside-queries`` tokens over the
     whole context (tens of milliseconds of tensor-core work, far longer than
     the compression); ``added_ms`` is what the compression adds to it
-    (:func:`curdkv.bench.timing.overlapped_seconds`).
+    (:func:`curdkv.bench.timing.overlapped_seconds`). ``alone``: the rows
+    already timed for each configuration on its own.
     """
     b, h_kv, n, d = keys.shape
     q = states(b, queries.shape[1], args.beside_queries, d, keys.dtype, device, 3)
     attend = lambda: torch.nn.functional.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
     attention = device_seconds(attend, device, args.repeats, host_seconds=median_seconds(attend, device, 3))
     rows = []
-    for method in args.beside_methods.split(","):
-        for ratio in (float(r) for r in args.ratios.split(",")):
-            p = curdkv.get_press(method, ratio)
-            window = queries[:, :, -p.query_window:] if p.query_window else None
-            compress = lambda: compress_layer(p, keys, values, window, module, 0)
-            alone = device_seconds(compress, device, args.repeats, host_seconds=median_seconds(compress, device, 3))
-            added = overlapped_seconds(
-                lambda problems: compress_layer(p, keys, values, window, module, 0, problems=problems),
-                attend, device, args.beside_rounds,
-            )
-            rows.append(dict(method=method, compression_ratio=ratio, attention_ms=attention * 1000,
-                             compression_alone_ms=alone * 1000, added_ms=added * 1000, hidden_fraction=1 - added / alone))
-            print(f"{method:14s} {ratio:.0%} beside attention ({attention * 1000:.1f} ms): adds {added * 1000:6.3f} ms "
-                  f"of its {alone * 1000:.3f} ms ({1 - added / alone:.0%} hidden)", flush=True)
+    for row in alone:
+        if row["method"] not in args.beside_methods.split(","):
+            continue
+        method, ratio, alone_ms = row["method"], row["compression_ratio"], row["overhead_ms"]
+        p = curdkv.get_press(method, ratio)
+        window = queries[:, :, -p.query_window:] if p.query_window else None
+        added_ms = 1000 * overlapped_seconds(
+            lambda problems: compress_layer(p, keys, values, window, module, 0, problems=problems),
+            attend, device, args.beside_rounds,
+        )
+        rows.append(dict(method=method, compression_ratio=ratio, attention_ms=attention * 1000,
+                         compression_alone_ms=alone_ms, added_ms=added_ms, hidden_fraction=1 - added_ms / alone_ms))
+        print(f"{method:14s} {ratio:.0%} beside attention ({attention * 1000:.1f} ms): adds {added_ms:6.3f} ms "
+              f"of its {alone_ms:.3f} ms ({1 - added_ms / alone_ms:.0%} hidden)", flush=True)
     return rows
 
 
@@ -135,7 +136,7 @@ def main(argv=None) -> None:
                   f"{t['wall']:7.3f} ms timed alone", flush=True)
     beside = []
     if device.type == "cuda":
-        beside = beside_attention(keys, values, queries, module, device, args)
+        beside = beside_attention(keys, values, queries, module, device, args, rows)
     for name, t in stages.items():
         print(f"  stage {name:40s} {t['device']:7.3f} ms on the GPU, {t['wall']:7.3f} ms alone", flush=True)
     print(f"limit (K and V read once at {bandwidth / 1e9:.0f} GB/s): {limit_ms:.3f} ms")

@@ -40,8 +40,12 @@ class LayerProblems:
                     f"KV heads {heads}, over {self.seq_len} tokens (found when the prefill ended; "
                     f"compress(..., overlap=False) checks each layer at once and says whether its inputs were finite)")
         if bool((empty > 0).any()):
-            return f"every KV head must keep at least one token; at layer {self.layer_idx} some kept none"
+            return empty_head_message(self.layer_idx)
         return None
+
+
+def empty_head_message(layer_idx: int) -> str:
+    return f"every KV head must keep at least one token; at layer {layer_idx} some kept none"
 
 
 def layer_problems(press, layer_idx: int, scores: torch.Tensor, empty_heads: torch.Tensor | None) -> LayerProblems:
@@ -90,13 +94,10 @@ class SideStream:
         pending, self.pending = self.pending, []
         if not check or not pending:
             return
-        counts = torch.stack([p.counts.reshape(2, -1) for p in pending]).cpu() if _same_device(pending) else None
-        for i, problem in enumerate(pending):
-            message = problem.message((counts[i] if counts is not None else problem.counts.cpu()).reshape(problem.counts.shape))
+        # One read back for every layer's checks.
+        device = pending[0].counts.device
+        flat = torch.cat([p.counts.reshape(-1).to(device) for p in pending]).cpu()
+        for problem, counts in zip(pending, flat.split([p.counts.numel() for p in pending])):
+            message = problem.message(counts.reshape(problem.counts.shape))
             if message is not None:
                 raise ValueError(message)
-
-
-def _same_device(pending: list[LayerProblems]) -> bool:
-    first = pending[0].counts
-    return all(p.counts.device == first.device and p.counts.shape == first.shape for p in pending)

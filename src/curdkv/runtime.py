@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from .attention import QueryRecorder, recording_queries, using_curdkv_attention
-from .overlap import SideStream, layer_problems
+from .overlap import SideStream, empty_head_message, layer_problems
 from .cache import CompressedCache, CompressedLayer
 from .presses.base import ALL_QUERIES, Press, ScoringView, check_choice
 from .ragged_layer import MaskedLayer, RaggedLayer
@@ -158,16 +158,13 @@ def compress_layer(
     chosen = select_tokens(press, keys, values, queries, module, layer_idx, scores=scores, n_keep=n_keep,
                            check_nan=not deferred)
     layer, empty_heads = _layer_from_choice(chosen, keys, values, layout, adaptive, n_keep)
-    found = layer_problems(press, layer_idx, scores, empty_heads)
     if deferred and problems is not None:
-        problems.append(found)
+        problems.append(layer_problems(press, layer_idx, scores, empty_heads))
         return layer
-    counts = found.counts.cpu()
-    if bool((counts[0] > 0).any()):
+    if deferred and bool(torch.isnan(scores).any()):  # on CPU, select_tokens refused NaN already
         raise ValueError(_nan_report(press, scores, layer_idx, keys, values, queries))
-    message = found.message(counts)
-    if message is not None:
-        raise ValueError(message)
+    if empty_heads is not None and bool(empty_heads.any()):
+        raise ValueError(empty_head_message(layer_idx))
     return layer
 
 

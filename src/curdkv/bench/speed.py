@@ -285,7 +285,8 @@ def check_goals(rows: list[dict]) -> dict:
     goals = {"context_tokens": longest}
 
     def worst(method: str, key: str):
-        values = [r[key] for r in at if r["method"] == method and r[key] is not None]
+        # .get: rows resumed from a JSON written before a column existed lack it.
+        values = [r.get(key) for r in at if r["method"] == method and r.get(key) is not None]
         return max(values) if values else None
 
     for method, key, limit, name in (
