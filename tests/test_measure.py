@@ -320,6 +320,8 @@ def test_bench_cpu_json_and_resume(tmp_path, monkeypatch):
     assert rows["curdkv", 0.5]["kv_bytes"] == full["kv_bytes"] // 2
     for r in saved["rows"]:
         assert r["prefill_s"] > 0 and r["decode_ms_per_token"] > 0
+        assert r["decode_gpu_ms_per_token"] is None  # no GPU time on CPU, and no column derived from it
+        assert "decode_gpu_efficiency" not in r and "decode_efficiency" in r
         assert (r["overhead_ms_per_layer"] > 0) == (r["method"] != "full")
         assert (r["overhead_wall_ms_total"] > 0) == (r["method"] != "full")
         # On CPU nothing overlaps: the layer's own time, as a share of the prefill over both layers.
@@ -327,6 +329,8 @@ def test_bench_cpu_json_and_resume(tmp_path, monkeypatch):
         assert r["overlapped_overhead_percent_of_prefill"] == pytest.approx(
             100 * r["overlapped_overhead_ms_per_layer"] * 2 / 1000 / full["prefill_s"])
     assert "curdkv_overhead_percent" in result["goals"] and "curdkv_overlapped_overhead_percent" in result["goals"]
+    assert "decode_efficiency" in result["goals"] and "decode_gpu_efficiency" not in result["goals"]
+    assert saved["fixed_decode_ms_per_token"] > 0 and saved["fixed_decode_gpu_ms_per_token"] is None
     assert "overlapped % prefill" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").stat().st_size > 0 and "### 768 tokens" in (tmp_path / "bench.md").read_text()
     # A second run adds a length and keeps the first one's measurements.
@@ -337,6 +341,45 @@ def test_bench_cpu_json_and_resume(tmp_path, monkeypatch):
     other = BenchSettings(**{**settings.as_dict(), "decode_tokens": 3})
     with pytest.raises(ValueError, match="other settings"):
         run_bench(other, tmp_path, progress=False)
+
+
+def test_bench_decode_speedups_from_wall_and_gpu_times():
+    from curdkv.bench.speed import _derive, check_goals
+
+    def row(method, ratio, wall, gpu):
+        return dict(context_tokens=4096, method=method, compression_ratio=ratio, prefill_s=1.0, kv_bytes=100,
+                    peak_prefill_bytes=None, overhead_ms_total=0.0, overlapped_overhead_ms_per_layer=None,
+                    bandwidth_limit_ms_per_layer=None, overhead_ms_per_layer=0.0, layers=2,
+                    decode_ms_per_token=wall, decode_gpu_ms_per_token=gpu)
+
+    # Fixed parts: 20 ms wall, 4 ms GPU; the full cache adds 20 ms wall and 8 ms GPU.
+    rows = _derive([row("full", 0.0, 40.0, 12.0), row("curdkv", 0.5, 32.0, 6.0)], 20.0, 4.0)
+    r = rows[1]
+    assert r["decode_speedup"] == pytest.approx(40 / 32) and r["ideal_decode_speedup"] == pytest.approx(40 / 30)
+    assert r["decode_efficiency"] == pytest.approx((40 / 32) / (40 / 30))
+    assert r["decode_gpu_speedup"] == pytest.approx(2.0) and r["ideal_decode_gpu_speedup"] == pytest.approx(1.5)
+    assert r["decode_gpu_efficiency"] == pytest.approx(4 / 3)
+    goals = check_goals(rows)
+    assert goals["decode_efficiency"]["met"] and goals["decode_gpu_efficiency"]["worst"] == pytest.approx(4 / 3)
+    # Rows without a GPU time (CPU, or resumed from an older JSON) derive only the wall columns.
+    rows = _derive([row("full", 0.0, 40.0, None), row("curdkv", 0.5, 32.0, None)], 20.0, None)
+    assert "decode_gpu_speedup" not in rows[1] and "decode_gpu_efficiency" not in check_goals(rows)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU time needs CUDA")
+def test_decode_gpu_time_is_below_wall_time_and_grows_with_the_cache():
+    from curdkv.bench.timing import decode_gpu_seconds_per_token, decode_seconds_per_token
+    from curdkv.runtime import capture_prefill
+
+    model, _ = curdkv.load_model("random:tiny-llama", dtype=torch.float16, device="cuda")
+    times = {}
+    for n in (64, 2048):
+        ids = torch.randint(0, model.config.vocab_size, (1, n), device="cuda")
+        cache = capture_prefill(model, ids).build_cache(None)
+        wall = decode_seconds_per_token(model, cache, ids[:, -1:], n, 5)
+        times[n] = decode_gpu_seconds_per_token(model, cache, ids[:, -1:], n, 5)
+        assert 0 < times[n] < wall
+    assert times[2048] > times[64]
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -10,7 +10,8 @@ METRICS = (
     ("kv_gb", "KV cache (GB)"),
     ("peak_prefill_gb", "peak prefill memory (GB)"),
     ("prefill_s", "prefill incl. compression (s)"),
-    ("decode_ms_per_token", "decode (ms/token)"),
+    ("decode_ms_per_token", "decode wall (ms/token)"),
+    ("decode_gpu_ms_per_token", "decode GPU time (ms/token)"),
     ("overhead_ms_per_layer", "compression overhead (ms/layer)"),
 )
 
@@ -21,6 +22,8 @@ COLUMNS = [
     ("overlapped_text", "overlapped ms/layer"), ("overlapped_percent_text", "overlapped % prefill"),
     ("decode_ms_per_token", "decode ms/token"), ("decode_speedup", "speedup"),
     ("ideal_decode_speedup", "ideal"), ("decode_efficiency", "efficiency"),
+    ("decode_gpu_text", "decode GPU ms/token"), ("decode_gpu_speedup_text", "GPU speedup"),
+    ("ideal_decode_gpu_text", "GPU ideal"), ("decode_gpu_efficiency_text", "GPU efficiency"),
 ]
 
 
@@ -32,7 +35,8 @@ def bench_table(result: dict) -> str:
         f"torch {env['torch']}, transformers {env['transformers']}, Triton {env.get('triton')}. "
         f"Decode: {settings['decode_tokens']} greedy tokens, median of {settings['decode_repeats']}; "
         f"overhead: median of {settings['repeats']}. Copy bandwidth {result['copy_bandwidth_gb_s']:.0f} GB/s "
-        f"(read + write); fixed decode cost {result['fixed_decode_ms_per_token']:.2f} ms/token.",
+        f"(read + write); fixed decode cost {result['fixed_decode_ms_per_token']:.2f} ms/token "
+        f"(GPU time {_optional(result.get('fixed_decode_gpu_ms_per_token'), '.2f') or 'n/a'}).",
     ]
     by_length = defaultdict(list)
     for r in result["rows"]:
@@ -41,7 +45,11 @@ def bench_table(result: dict) -> str:
              "peak_text": "" if r["peak_prefill_gb"] is None else f"{r['peak_prefill_gb']:.4g}",
              "overhead_percent_text": f"{r['overhead_percent_of_prefill']:.3f}",
              "overlapped_text": _optional(r.get("overlapped_overhead_ms_per_layer"), ".3f"),
-             "overlapped_percent_text": _optional(r.get("overlapped_overhead_percent_of_prefill"), ".3f")}
+             "overlapped_percent_text": _optional(r.get("overlapped_overhead_percent_of_prefill"), ".3f"),
+             "decode_gpu_text": _optional(r.get("decode_gpu_ms_per_token"), ".2f"),
+             "decode_gpu_speedup_text": _optional(r.get("decode_gpu_speedup"), ".3f"),
+             "ideal_decode_gpu_text": _optional(r.get("ideal_decode_gpu_speedup"), ".3f"),
+             "decode_gpu_efficiency_text": _optional(r.get("decode_gpu_efficiency"), ".3f")}
         )
     for length, rows in sorted(by_length.items()):
         lines += ["", f"### {length} tokens", "", markdown_table(rows, COLUMNS)]
@@ -72,7 +80,7 @@ def plot_bench(result: dict, path) -> None:
             for length in lengths:
                 points = sorted(
                     (r["compression_ratio"], r[key]) for r in rows
-                    if r["context_tokens"] == length and r["method"] in (method, "full") and r[key] is not None
+                    if r["context_tokens"] == length and r["method"] in (method, "full") and r.get(key) is not None
                 )
                 if points:
                     ax.plot([100 * x for x, _ in points], [y for _, y in points], marker="o", label=f"{length // 1024}K")

@@ -33,7 +33,13 @@ Derived columns, with the conventions they rest on:
   part of a decode step that grows with the cache shrank exactly with it:
   ``t_full / (t_fixed + (1 - r) (t_full - t_fixed))``, ``t_fixed`` being the
   step time with a near-empty cache (weights, host overhead);
-  ``decode_efficiency`` is the measured speedup over the ideal one.
+  ``decode_efficiency`` is the measured speedup over the ideal one;
+- ``decode_gpu_ms_per_token`` and the ``decode_gpu_*`` columns: the same
+  from the GPU's own time per step (its kernels' summed durations,
+  :func:`curdkv.bench.timing.decode_gpu_seconds_per_token`) over
+  ``min(decode_tokens, 20)`` steps. Eager decoding at batch 1 is bound by
+  the host's kernel launches, whose time swings from run to run on a
+  shared host and does not shrink with the cache; the GPU time does.
 """
 
 from __future__ import annotations
@@ -52,7 +58,8 @@ from ..models import load_model
 from ..presses import get_press, parse_press_spec
 from ..runtime import attention_modules, capture_prefill, compress, compress_layer
 from .timing import (
-    copy_bandwidth, decode_seconds_per_token, device_seconds, median_seconds, overlapped_seconds, timer,
+    copy_bandwidth, decode_gpu_seconds_per_token, decode_seconds_per_token, device_seconds, median_seconds,
+    overlapped_seconds, timer,
 )
 
 GOALS = {
@@ -62,6 +69,8 @@ GOALS = {
     "snapkv_overhead_percent_max": 1.0,
     "decode_efficiency_min": 0.8,
 }
+# Decode steps whose kernels are summed for the GPU time (the profiler's records grow with every step).
+GPU_DECODE_STEPS = 20
 # Context of the near-empty cache that measures the fixed part of a decode step.
 FIXED_CONTEXT = 64
 # Queries of the attention that overlapped compression is timed beside.
@@ -151,20 +160,22 @@ def _tokens(vocab: int, length: int, seed: int, device) -> torch.Tensor:
     return torch.randint(0, vocab, (1, length), generator=gen).to(device)
 
 
-def _decode_seconds(model, cache, first: torch.Tensor, position: int, settings: BenchSettings) -> float:
-    """Median seconds per decode step over ``decode_repeats`` runs, after 3 untimed steps."""
+def _decode_ms(model, cache, first: torch.Tensor, position: int, settings: BenchSettings) -> tuple[float, float | None]:
+    """Milliseconds per decode step: wall (median of ``decode_repeats`` runs after 3 untimed steps) and GPU."""
     decode_seconds_per_token(model, cache, first, position, 3)
-    return statistics.median(
+    wall = statistics.median(
         decode_seconds_per_token(model, cache, first, position, settings.decode_tokens)
         for _ in range(settings.decode_repeats)
     )
+    gpu = decode_gpu_seconds_per_token(model, cache, first, position, min(settings.decode_tokens, GPU_DECODE_STEPS))
+    return wall * 1000, None if gpu is None else gpu * 1000
 
 
-def _fixed_decode_seconds(model, settings: BenchSettings, device) -> float:
-    """Seconds per decode step with a near-empty cache: what does not shrink with the cache."""
+def _fixed_decode_ms(model, settings: BenchSettings, device) -> tuple[float, float | None]:
+    """Milliseconds per decode step (wall, GPU) with a near-empty cache: what does not shrink with the cache."""
     ids = _tokens(model.config.vocab_size, FIXED_CONTEXT, settings.seed, device)
     cache = capture_prefill(model, ids).build_cache(None)
-    return _decode_seconds(model, cache, ids[:, -1:], FIXED_CONTEXT, settings)
+    return _decode_ms(model, cache, ids[:, -1:], FIXED_CONTEXT, settings)
 
 
 def _warm_up(model, settings: BenchSettings, device) -> None:
@@ -186,8 +197,8 @@ def _configs(settings: BenchSettings):
 
 
 @torch.no_grad()
-def measure_length(model, settings: BenchSettings, length: int, bandwidth: float, t_fixed: float, bar=None) -> list[dict]:
-    """Every configuration's row at one context length."""
+def measure_length(model, settings: BenchSettings, length: int, bandwidth: float, fixed: tuple, bar=None) -> list[dict]:
+    """Every configuration's row at one context length; ``fixed``: the near-empty cache's decode ms (wall, GPU)."""
     device = next(model.parameters()).device
     ids = _tokens(model.config.vocab_size, length, settings.seed, device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -219,10 +230,10 @@ def measure_length(model, settings: BenchSettings, length: int, bandwidth: float
         if not built:
             build()
         cache = built[0]
-        per_token = _decode_seconds(model, cache, first, length, settings)
+        wall_ms, gpu_ms = _decode_ms(model, cache, first, length, settings)
         row = rows[method, ratio]
         row.update(
-            kv_bytes=cache.nbytes(), decode_ms_per_token=per_token * 1000,
+            kv_bytes=cache.nbytes(), decode_ms_per_token=wall_ms, decode_gpu_ms_per_token=gpu_ms,
             layers=layers, overhead_ms_total=overhead * 1000, overhead_ms_per_layer=overhead * 1000 / layers,
             overhead_wall_ms_total=wall * 1000,
             overlapped_overhead_ms_per_layer=None if overlapped is None else overlapped * 1000,
@@ -234,7 +245,7 @@ def measure_length(model, settings: BenchSettings, length: int, bandwidth: float
     del capture
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return _derive(list(rows.values()), t_fixed)
+    return _derive(list(rows.values()), *fixed)
 
 
 def _overlapped_layer_seconds(press, capture, settings: BenchSettings, device) -> float | None:
@@ -255,9 +266,8 @@ def _overlapped_layer_seconds(press, capture, settings: BenchSettings, device) -
     )
 
 
-def _derive(rows: list[dict], t_fixed: float) -> list[dict]:
+def _derive(rows: list[dict], fixed_ms: float, fixed_gpu_ms: float | None = None) -> list[dict]:
     full = next(r for r in rows if r["method"] == "full")
-    t_full = full["decode_ms_per_token"] / 1000
     for r in rows:
         r["kv_gb"] = r["kv_bytes"] / 1e9
         r["kv_fraction_of_full"] = r["kv_bytes"] / full["kv_bytes"]
@@ -268,10 +278,15 @@ def _derive(rows: list[dict], t_fixed: float) -> list[dict]:
             100 * overlapped * r["layers"] / 1000 / full["prefill_s"]
         limit = r["bandwidth_limit_ms_per_layer"]
         r["overhead_vs_bandwidth"] = r["overhead_ms_per_layer"] / limit if limit and r["method"] != "full" else None
-        r["decode_speedup"] = t_full / (r["decode_ms_per_token"] / 1000)
-        ideal_t = t_fixed + (1 - r["compression_ratio"]) * max(t_full - t_fixed, 0.0)
-        r["ideal_decode_speedup"] = t_full / ideal_t
-        r["decode_efficiency"] = r["decode_speedup"] / r["ideal_decode_speedup"]
+        for column, t_fixed, infix in (("decode_ms_per_token", fixed_ms, ""),
+                                       ("decode_gpu_ms_per_token", fixed_gpu_ms, "_gpu")):
+            t_full, t = full.get(column), r.get(column)
+            if t_full is None or t is None or t_fixed is None:
+                continue
+            ideal_t = t_fixed + (1 - r["compression_ratio"]) * max(t_full - t_fixed, 0.0)
+            r[f"decode{infix}_speedup"] = t_full / t
+            r[f"ideal_decode{infix}_speedup"] = t_full / ideal_t
+            r[f"decode{infix}_efficiency"] = r[f"decode{infix}_speedup"] / r[f"ideal_decode{infix}_speedup"]
     return rows
 
 
@@ -299,11 +314,12 @@ def check_goals(rows: list[dict]) -> dict:
         value = worst(method, key)
         if value is not None:
             goals[name] = {"worst": value, "max": limit, "met": value <= limit}
-    efficiencies = [r["decode_efficiency"] for r in at if r["method"] != "full"]
-    if efficiencies:
-        value = min(efficiencies)
-        goals["decode_efficiency"] = {"worst": value, "min": GOALS["decode_efficiency_min"],
-                                      "met": value >= GOALS["decode_efficiency_min"]}
+    for key in ("decode_efficiency", "decode_gpu_efficiency"):
+        efficiencies = [r[key] for r in at if r["method"] != "full" and r.get(key) is not None]
+        if efficiencies:
+            value = min(efficiencies)
+            goals[key] = {"worst": value, "min": GOALS["decode_efficiency_min"],
+                          "met": value >= GOALS["decode_efficiency_min"]}
     peaks = [r["peak_prefill_bytes"] for r in at if r["method"] != "full" and r["peak_prefill_bytes"] is not None]
     if peaks and full["peak_prefill_bytes"] is not None:
         goals["peak_prefill_vs_full"] = {"worst": max(peaks) / full["peak_prefill_bytes"], "max": 1.0,
@@ -335,15 +351,15 @@ def run_bench(settings: BenchSettings, out: str | Path | None = None, progress: 
     }
     if todo:
         _warm_up(model, settings, device)
-        result["fixed_decode_ms_per_token"] = _fixed_decode_seconds(model, settings, device) * 1000
+        fixed = _fixed_decode_ms(model, settings, device)
     else:
-        result["fixed_decode_ms_per_token"] = previous.get("fixed_decode_ms_per_token")
+        fixed = (previous.get("fixed_decode_ms_per_token"), previous.get("fixed_decode_gpu_ms_per_token"))
+    result["fixed_decode_ms_per_token"], result["fixed_decode_gpu_ms_per_token"] = fixed
     per_length = 1 + sum(1 for r in settings.ratios if r > 0) * len(settings.methods)
     with tqdm(total=per_length * len(todo), desc="bench", unit="config", disable=not progress) as bar:
         for length in todo:
             bar.set_postfix_str(f"{length} tokens")
-            rows = measure_length(model, settings, length, result["copy_bandwidth_gb_s"] * 1e9,
-                                  result["fixed_decode_ms_per_token"] / 1000, bar)
+            rows = measure_length(model, settings, length, result["copy_bandwidth_gb_s"] * 1e9, fixed, bar)
             result["rows"] = sorted(result["rows"] + rows, key=lambda r: (r["context_tokens"], r["method"] != "full"))
             result["goals"] = check_goals(result["rows"])
             if out is not None:  # after every length, so a run stopped part-way keeps what it measured

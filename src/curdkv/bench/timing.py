@@ -128,15 +128,41 @@ def copy_bandwidth(nbytes: int, device: torch.device, repeats: int = 5) -> float
 
 @torch.no_grad()
 def decode_seconds_per_token(model, cache, first_token: torch.Tensor, position: int, steps: int) -> float:
-    """Seconds per greedy decode step over ``steps`` steps (fixed length); the cache is restored afterwards."""
+    """Seconds per greedy decode step over ``steps`` steps (fixed length); the cache is restored afterwards.
+
+    Positions are on the device before the first step: a per-step
+    ``torch.tensor`` is a copy from pageable host memory, which waits for the
+    GPU's queue to drain and so stops the host from running ahead.
+    """
     snapshot = cache.snapshot()
     token = first_token
+    positions = torch.arange(position, position + steps, device=token.device).view(steps, 1, 1)
     stop = timer(first_token.device)
     with using_curdkv_attention(model):
         for step in range(steps):
-            pos = torch.tensor([[position + step]], device=token.device)
-            logits = model(input_ids=token, past_key_values=cache, position_ids=pos, use_cache=True).logits
+            logits = model(input_ids=token, past_key_values=cache, position_ids=positions[step], use_cache=True).logits
             token = logits[:, -1:].argmax(-1)
     seconds = stop()
     cache.restore(snapshot)
     return seconds / steps
+
+
+def decode_gpu_seconds_per_token(model, cache, first_token: torch.Tensor, position: int, steps: int) -> float | None:
+    """GPU time per greedy decode step: the summed durations of its kernels and copies (``None`` off CUDA).
+
+    At batch 1 an eager decode step launches over a thousand small kernels,
+    and the host, not the GPU, sets the wall time: on a shared host it swung
+    between 20 and 60 ms per step for the same step of an 8B model. The
+    GPU's own time is what the cache size changes, and what a decode that
+    keeps the GPU fed (CUDA graphs, larger batches) gets; it comes from the
+    profiler's kernel records, so gaps where the GPU waits for the host are
+    not counted.
+    """
+    if first_token.device.type != "cuda":
+        return None
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        decode_seconds_per_token(model, cache, first_token, position, steps)
+    # CUDA-only records are the kernels, copies and fills themselves: no operator double counts them.
+    microseconds = sum(event.self_device_time_total for event in profile.key_averages())
+    return microseconds / 1e6 / steps
