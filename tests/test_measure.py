@@ -322,6 +322,10 @@ def test_bench_cpu_json_and_resume(tmp_path, monkeypatch):
         assert r["prefill_s"] > 0 and r["decode_ms_per_token"] > 0
         assert r["decode_gpu_ms_per_token"] is None  # no GPU time on CPU, and no column derived from it
         assert "decode_gpu_efficiency" not in r and "decode_efficiency" in r
+        if r["method"] == "curdkv":  # two passes over K and V plus the kept half read and written
+            floor = r["bandwidth_limit_ms_per_layer"] * (2 + 2 * 0.5)
+            assert r["overhead_floor_ms_per_layer"] == pytest.approx(floor)
+            assert r["overhead_vs_floor"] == pytest.approx(r["overhead_ms_per_layer"] / floor)
         assert (r["overhead_ms_per_layer"] > 0) == (r["method"] != "full")
         assert (r["overhead_wall_ms_total"] > 0) == (r["method"] != "full")
         # On CPU nothing overlaps: the layer's own time, as a share of the prefill over both layers.

@@ -29,6 +29,12 @@ Derived columns, with the conventions they rest on:
   the measured copy bandwidth (read + write bytes per second of a
   device-to-device copy); ``overhead_vs_bandwidth`` is the measured
   per-layer overhead over it;
+- ``overhead_floor_ms_per_layer``: the least memory traffic of the method
+  as designed, in the same units: its scoring passes over K and V
+  (:data:`SCORING_READS`: exact leverage reads both twice, SnapKV reads
+  the keys once) plus reading and writing the kept ``1 - r`` once, which
+  any compression that frees memory pays. ``overhead_vs_floor`` is the
+  measured overhead over it: how far the kernels are from memory speed;
 - ``ideal_decode_speedup``: what the smaller cache alone would give if the
   part of a decode step that grows with the cache shrank exactly with it:
   ``t_full / (t_fixed + (1 - r) (t_full - t_fixed))``, ``t_fixed`` being the
@@ -69,6 +75,9 @@ GOALS = {
     "snapkv_overhead_percent_max": 1.0,
     "decode_efficiency_min": 0.8,
 }
+# Passes over one layer's K and V bytes that each method's scoring needs at least.
+SCORING_READS = {"curdkv": 2.0, "adacurdkv": 2.0, "curdkv-sketch": 1.0, "snapkv": 0.5, "adasnapkv": 0.5,
+                 "knorm": 0.5}
 # Decode steps whose kernels are summed for the GPU time (the profiler's records grow with every step).
 GPU_DECODE_STEPS = 20
 # Context of the near-empty cache that measures the fixed part of a decode step.
@@ -278,6 +287,7 @@ def _derive(rows: list[dict], fixed_ms: float, fixed_gpu_ms: float | None = None
             100 * overlapped * r["layers"] / 1000 / full["prefill_s"]
         limit = r["bandwidth_limit_ms_per_layer"]
         r["overhead_vs_bandwidth"] = r["overhead_ms_per_layer"] / limit if limit and r["method"] != "full" else None
+        _add_floor(r)
         for column, t_fixed, infix in (("decode_ms_per_token", fixed_ms, ""),
                                        ("decode_gpu_ms_per_token", fixed_gpu_ms, "_gpu")):
             t_full, t = full.get(column), r.get(column)
@@ -288,6 +298,14 @@ def _derive(rows: list[dict], fixed_ms: float, fixed_gpu_ms: float | None = None
             r[f"ideal_decode{infix}_speedup"] = t_full / ideal_t
             r[f"decode{infix}_efficiency"] = r[f"decode{infix}_speedup"] / r[f"ideal_decode{infix}_speedup"]
     return rows
+
+
+def _add_floor(r: dict) -> None:
+    """The method's least memory traffic per layer (``overhead_floor_ms_per_layer``) and the overhead over it."""
+    limit, reads = r.get("bandwidth_limit_ms_per_layer"), SCORING_READS.get(r["method"])
+    floor = None if not limit or reads is None else limit * (reads + 2 * (1 - r["compression_ratio"]))
+    r["overhead_floor_ms_per_layer"] = floor
+    r["overhead_vs_floor"] = None if floor is None else r["overhead_ms_per_layer"] / floor
 
 
 def check_goals(rows: list[dict]) -> dict:
