@@ -19,12 +19,12 @@ COLUMNS = [
     ("method", "method"), ("ratio", "ratio"), ("kv_text", "KV GB"), ("peak_text", "peak GB"),
     ("prefill_s", "prefill s"), ("overhead_ms_per_layer", "overhead ms/layer"),
     ("overhead_percent_text", "overhead % prefill"), ("overhead_vs_bandwidth", "x bandwidth limit"),
-    ("floor_text", "x design floor"),
+    ("overhead_vs_floor", "x design floor"),
     ("overlapped_text", "overlapped ms/layer"), ("overlapped_percent_text", "overlapped % prefill"),
     ("decode_ms_per_token", "decode ms/token"), ("decode_speedup", "speedup"),
     ("ideal_decode_speedup", "ideal"), ("decode_efficiency", "efficiency"),
-    ("decode_gpu_text", "decode GPU ms/token"), ("decode_gpu_speedup_text", "GPU speedup"),
-    ("ideal_decode_gpu_text", "GPU ideal"), ("decode_gpu_efficiency_text", "GPU efficiency"),
+    ("decode_gpu_ms_per_token", "decode GPU ms/token"), ("decode_gpu_speedup", "GPU speedup"),
+    ("ideal_decode_gpu_speedup", "GPU ideal"), ("decode_gpu_efficiency", "GPU efficiency"),
 ]
 
 
@@ -46,12 +46,7 @@ def bench_table(result: dict) -> str:
              "peak_text": "" if r["peak_prefill_gb"] is None else f"{r['peak_prefill_gb']:.4g}",
              "overhead_percent_text": f"{r['overhead_percent_of_prefill']:.3f}",
              "overlapped_text": _optional(r.get("overlapped_overhead_ms_per_layer"), ".3f"),
-             "overlapped_percent_text": _optional(r.get("overlapped_overhead_percent_of_prefill"), ".3f"),
-             "floor_text": _optional(r.get("overhead_vs_floor"), ".2f"),
-             "decode_gpu_text": _optional(r.get("decode_gpu_ms_per_token"), ".2f"),
-             "decode_gpu_speedup_text": _optional(r.get("decode_gpu_speedup"), ".3f"),
-             "ideal_decode_gpu_text": _optional(r.get("ideal_decode_gpu_speedup"), ".3f"),
-             "decode_gpu_efficiency_text": _optional(r.get("decode_gpu_efficiency"), ".3f")}
+             "overlapped_percent_text": _optional(r.get("overlapped_overhead_percent_of_prefill"), ".3f")}
         )
     for length, rows in sorted(by_length.items()):
         lines += ["", f"### {length} tokens", "", markdown_table(rows, COLUMNS)]
