@@ -61,12 +61,16 @@ class NaNScores(ValueError):
     """A press scored some tokens NaN; the runtime re-raises it with the press and layer named."""
 
 
-def _checked(scores: torch.Tensor, n_keep: int, sinks: int, recent: int, check_nan: bool) -> torch.Tensor:
+def _check_shape_budget_nan(scores: torch.Tensor, n_keep: int, sinks: int, recent: int, check_nan: bool) -> None:
     if scores.dim() != 3:
         raise ValueError(f"scores must have shape [B, H_kv, N], got {tuple(scores.shape)}")
     check_budget(scores.shape[-1], n_keep, sinks, recent)
     if check_nan and torch.isnan(scores).any():
         raise NaNScores("the press returned NaN scores")
+
+
+def _checked(scores: torch.Tensor, n_keep: int, sinks: int, recent: int, check_nan: bool) -> torch.Tensor:
+    _check_shape_budget_nan(scores, n_keep, sinks, recent, check_nan)
     return protect(scores.float(), sinks, recent)
 
 
@@ -75,9 +79,18 @@ def select_uniform(
 ) -> torch.Tensor:
     """Top-``n_keep`` tokens of every KV head; returns sorted indices ``[B, H_kv, n_keep]``.
 
+    On CUDA with Triton: :func:`curdkv.kernels.topk.topk_in_order` (ties go
+    to the earlier token); elsewhere ``torch.topk`` (ties unspecified).
+
     ``check_nan=False`` leaves the NaN check to the caller (it reads a flag
     back to the host, which a GPU caller does once the layer's work is queued).
     """
+    from .kernels.topk import topk_available, topk_in_order
+
+    if topk_available(scores):
+        # Radix select and in-order write in five launches; protection happens inside.
+        _check_shape_budget_nan(scores, n_keep, sinks, recent, check_nan)
+        return topk_in_order(scores, n_keep, sinks, recent)
     scores = _checked(scores, n_keep, sinks, recent, check_nan)
     return in_context_order(scores.topk(n_keep, dim=-1, sorted=False).indices, scores.shape[-1])
 
