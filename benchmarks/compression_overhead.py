@@ -30,7 +30,7 @@ from curdkv.environment import environment
 from curdkv.kernels import leverage
 from curdkv.presses.base import ScoringView
 from curdkv.runtime import compress_layer
-from curdkv.selection import gather_kv_tokens, gather_tokens, kept_count, select_uniform
+from curdkv.selection import gather_kv_tokens, gather_tokens, in_context_order, kept_count, protect, select_uniform
 
 
 def states(b, h_kv, n, d, dtype, device, seed=0):
@@ -104,6 +104,8 @@ def main(argv=None) -> None:
     stages["gram (K)"] = ms(lambda: leverage.gram(keys))
     stages["whitening K and V, host status check"] = ms(lambda: leverage.whitening(grams))
     stages["whitening K and V, no host sync"] = ms(lambda: leverage.whitening_without_sync(grams))
+    partials = torch.stack([leverage.gram_partials(keys), leverage.gram_partials(values)]).flatten(0, 1)
+    stages["whitening K and V, fused steps (the default)"] = ms(lambda: leverage.whitening_terms(partials, keys.dtype))
     def one_factorisation():
         g, scale = leverage._scaled(grams, 1e-6)
         chol, _ = torch.linalg.cholesky_ex(g)
@@ -117,6 +119,8 @@ def main(argv=None) -> None:
     scores = press.score(view)
     n_keep = kept_count(n, 0.5)
     stages["select_uniform 50%"] = ms(lambda: select_uniform(scores, n_keep, 4, 0, check_nan=False))
+    stages["select 50% by torch.topk and in_context_order"] = ms(
+        lambda: in_context_order(protect(scores, 4, 0).topk(n_keep, dim=-1, sorted=False).indices, n))
     idx = select_uniform(scores, n_keep, 4, 0)
     stages["gather K and V 50% (torch.gather)"] = ms(lambda: (gather_tokens(keys, idx), gather_tokens(values, idx)))
     stages["gather K and V 50% (kernel)"] = ms(lambda: gather_kv_tokens(keys, values, idx))

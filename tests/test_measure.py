@@ -404,3 +404,26 @@ def test_bench_cli_errors(capsys):
     assert main(["bench", "--model", "random:tiny-llama", "--device", "cpu", "--lengths", "8192",
                  "--out", "/nonexistent/never"]) == 2
     assert "context of 4096" in capsys.readouterr().err
+
+
+@needs_kernel
+def test_fused_whitening_terms_equal_the_torch_steps_and_fall_back_per_matrix():
+    # Partial Gram sums of 3 matrices; the second is indefinite at the first ridge and takes the fallback.
+    x = structured_states(n=300, d=16, dtype=torch.float32).reshape(2, 300, 16)
+    partials = torch.stack([x[:, :150].transpose(-1, -2) @ x[:, :150], x[:, 150:].transpose(-1, -2) @ x[:, 150:]], 1)
+    bad = torch.eye(16)
+    bad[0, 1] = bad[1, 0] = 1 + 1e-5
+    partials = torch.cat([partials[:1], torch.stack([bad, torch.zeros(16, 16)])[None], partials[1:]])
+    assert int(torch.linalg.cholesky_ex(leverage._scaled(partials[1].sum(0), 1e-6)[0]).info) > 0
+    # Triton's interpreter converts to bfloat16 wrongly (through numpy); bfloat16 is checked on CUDA.
+    for dtype in (torch.bfloat16, torch.float16) if KERNEL_DEVICE == "cuda" else (torch.float16,):
+        hi, lo = leverage.whitening_terms(partials.to(KERNEL_DEVICE), dtype)
+        want_hi, want_lo = leverage.split_terms(leverage.whitening_without_sync(partials.double().sum(1)), dtype)
+        assert hi.dtype == lo.dtype == dtype
+        # The same W to the split's precision (the sums of the partials differ only in rounding).
+        torch.testing.assert_close(hi.cpu().double() + lo.cpu().double(), want_hi.double() + want_lo.double(),
+                                   rtol=1e-4, atol=1e-6)
+    w = hi[1].cpu().double() + lo[1].cpu().double()
+    fallback, scale = leverage._scaled(partials[1].sum(0), leverage.FALLBACK_RIDGE)
+    want = scale[:, None] * torch.linalg.inv(fallback) * scale[None, :]
+    torch.testing.assert_close(w @ w.T, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
