@@ -88,7 +88,7 @@ def select_uniform(
     from .kernels.topk import topk_available, topk_in_order
 
     if topk_available(scores):
-        # Radix select and in-order write in five launches; protection happens inside.
+        # Radix select and in-order write in six launches; protection happens inside.
         _check_shape_budget_nan(scores, n_keep, sinks, recent, check_nan)
         return topk_in_order(scores, n_keep, sinks, recent)
     scores = _checked(scores, n_keep, sinks, recent, check_nan)
