@@ -347,6 +347,25 @@ def test_bench_cpu_json_and_resume(tmp_path, monkeypatch):
         run_bench(other, tmp_path, progress=False)
 
 
+def test_bench_resumes_by_method_at_one_length(tmp_path):
+    settings = BenchSettings(model="random:tiny-llama", lengths=(512,), ratios=(0.0, 0.5), methods=("curdkv",),
+                             decode_tokens=2, repeats=1, decode_repeats=1, device="cpu", dtype="float32")
+    first = run_bench(settings, tmp_path, progress=False)
+    full = next(r for r in first["rows"] if r["method"] == "full")
+    second = run_bench(BenchSettings(**{**settings.as_dict(), "methods": ("snapkv",)}), tmp_path, progress=False)
+    rows = {(r["method"], r["compression_ratio"]): r for r in second["rows"]}
+    assert set(rows) == {("full", 0.0), ("curdkv", 0.5), ("snapkv", 0.5)}
+    # Neither the full cache nor CurDKV was measured again; the new row is derived against the same full cache.
+    assert rows["full", 0.0]["prefill_s"] == full["prefill_s"]
+    assert rows["curdkv", 0.5]["overhead_ms_total"] == first["rows"][1]["overhead_ms_total"]
+    assert rows["snapkv", 0.5]["overhead_percent_of_prefill"] == pytest.approx(
+        100 * rows["snapkv", 0.5]["overhead_ms_total"] / 1000 / full["prefill_s"])
+    assert second["settings"]["methods"] == ("curdkv", "snapkv")
+    assert second["fixed_decode_ms_per_token"] == first["fixed_decode_ms_per_token"]
+    # Everything there already: nothing is measured, the outputs are rewritten.
+    assert run_bench(settings, tmp_path, progress=False)["rows"] == second["rows"]
+
+
 def test_bench_decode_speedups_from_wall_and_gpu_times():
     from curdkv.bench.speed import _derive, check_goals
 

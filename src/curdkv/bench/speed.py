@@ -119,9 +119,10 @@ class BenchSettings:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def same_run(self, other: dict) -> bool:
-        """Whether a JSON's settings describe the same run up to the lengths measured."""
-        mine = {k: v for k, v in self.as_dict().items() if k != "lengths"}
-        theirs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in other.items() if k != "lengths"}
+        """Whether a JSON's settings describe the same run up to the lengths and methods measured."""
+        grown = ("lengths", "methods")
+        mine = {k: v for k, v in self.as_dict().items() if k not in grown}
+        theirs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in other.items() if k not in grown}
         return mine == theirs
 
     def as_dict(self) -> dict:
@@ -197,22 +198,29 @@ def _warm_up(model, settings: BenchSettings, device) -> None:
     _prefill(model, ids)
 
 
-def _configs(settings: BenchSettings):
-    yield "full", 0.0
-    for method in settings.methods:
-        for ratio in settings.ratios:
-            if ratio > 0:
-                yield method, ratio
+def _configs(settings: BenchSettings, done: set = frozenset()):
+    """(method, ratio) of every row at one length, the full cache first, less those in ``done``."""
+    configs = [("full", 0.0)] + [(m, r) for m in settings.methods for r in settings.ratios if r > 0]
+    return [c for c in configs if c not in done]
 
 
 @torch.no_grad()
-def measure_length(model, settings: BenchSettings, length: int, bandwidth: float, fixed: tuple, bar=None) -> list[dict]:
-    """Every configuration's row at one context length; ``fixed``: the near-empty cache's decode ms (wall, GPU)."""
+def measure_length(
+    model, settings: BenchSettings, length: int, bandwidth: float, fixed: tuple, bar=None, earlier: list | None = None,
+) -> list[dict]:
+    """Every configuration's row at one context length; ``fixed``: the near-empty cache's decode ms (wall, GPU).
+
+    ``earlier``: rows of this length measured before (a resumed run); their
+    configurations are not measured again, and their derived columns are
+    recomputed with the new rows (the full cache's row is the reference).
+    """
     device = next(model.parameters()).device
     ids = _tokens(model.config.vocab_size, length, settings.seed, device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    earlier = earlier or []
+    configs = _configs(settings, {(r["method"], r["compression_ratio"]) for r in earlier})
     rows = {}
-    for method, ratio in _configs(settings):
+    for method, ratio in configs:
         press = None if method == "full" else get_press(method, ratio)
         prefill_s, peak = _prefill(model, ids, press)
         rows[method, ratio] = dict(
@@ -224,7 +232,7 @@ def measure_length(model, settings: BenchSettings, length: int, bandwidth: float
     layer_kv_bytes = capture.nbytes() / layers
     limit = layer_kv_bytes / bandwidth if bandwidth else None
     first = ids[:, -1:]
-    for method, ratio in _configs(settings):
+    for method, ratio in configs:
         press = None if method == "full" else get_press(method, ratio)
         built = []
 
@@ -254,7 +262,7 @@ def measure_length(model, settings: BenchSettings, length: int, bandwidth: float
     del capture
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return _derive(list(rows.values()), *fixed)
+    return _derive(earlier + list(rows.values()), *fixed)
 
 
 def _overlapped_layer_seconds(press, capture, settings: BenchSettings, device) -> float | None:
@@ -346,13 +354,22 @@ def check_goals(rows: list[dict]) -> dict:
 
 
 def run_bench(settings: BenchSettings, out: str | Path | None = None, progress: bool = True) -> dict:
-    """Measure every length (resuming lengths already in ``out/bench.json``), write JSON, table and plot."""
+    """Measure every length, write JSON, table and plot.
+
+    Resumes ``out/bench.json``: configurations (length, method, ratio) already
+    there are kept, not measured again, so a long run can go in parts (by
+    lengths, or by ``methods``) and a stopped one picks up where its last
+    finished length left off.
+    """
     from tqdm.auto import tqdm
 
     out = Path(out) if out is not None else None
     previous = _load_previous(out, settings)
-    done = {r["context_tokens"] for r in previous.get("rows", [])}
-    todo = [n for n in settings.lengths if n not in done]
+    earlier = previous.get("rows", [])
+    done = {(r["context_tokens"], r["method"], r["compression_ratio"]) for r in earlier}
+    todo = [n for n in settings.lengths if _configs(settings, {(m, r) for (length, m, r) in done if length == n})]
+    methods = tuple(previous.get("settings", {}).get("methods", ()))
+    methods += tuple(m for m in settings.methods if m not in methods)
     device = torch.device(settings.device)
     model, _ = load_model(settings.model, dtype=settings.dtype, device=device,
                           attn_implementation=settings.attn_implementation, seed=settings.seed)
@@ -363,22 +380,26 @@ def run_bench(settings: BenchSettings, out: str | Path | None = None, progress: 
     layer_bytes = _layer_kv_bytes(model, max(settings.lengths))
     result = {
         "environment": environment(),
-        "settings": {**settings.as_dict(), "lengths": sorted(done | set(settings.lengths))},
+        "settings": {**settings.as_dict(), "lengths": sorted({n for n, _, _ in done} | set(settings.lengths)),
+                     "methods": methods},
         "copy_bandwidth_gb_s": previous.get("copy_bandwidth_gb_s") or copy_bandwidth(layer_bytes, device) / 1e9,
         "rows": previous.get("rows", []),
     }
     if todo:
         _warm_up(model, settings, device)
+    # A resumed run keeps its first part's near-empty decode: every row's ideal speedup then uses the same one.
+    fixed = (previous.get("fixed_decode_ms_per_token"), previous.get("fixed_decode_gpu_ms_per_token"))
+    if todo and fixed[0] is None:
         fixed = _fixed_decode_ms(model, settings, device)
-    else:
-        fixed = (previous.get("fixed_decode_ms_per_token"), previous.get("fixed_decode_gpu_ms_per_token"))
     result["fixed_decode_ms_per_token"], result["fixed_decode_gpu_ms_per_token"] = fixed
-    per_length = 1 + sum(1 for r in settings.ratios if r > 0) * len(settings.methods)
-    with tqdm(total=per_length * len(todo), desc="bench", unit="config", disable=not progress) as bar:
+    total = sum(len(_configs(settings, {(m, r) for (length, m, r) in done if length == n})) for n in todo)
+    with tqdm(total=total, desc="bench", unit="config", disable=not progress) as bar:
         for length in todo:
             bar.set_postfix_str(f"{length} tokens")
-            rows = measure_length(model, settings, length, result["copy_bandwidth_gb_s"] * 1e9, fixed, bar)
-            result["rows"] = sorted(result["rows"] + rows, key=lambda r: (r["context_tokens"], r["method"] != "full"))
+            kept = [r for r in result["rows"] if r["context_tokens"] != length]
+            rows = measure_length(model, settings, length, result["copy_bandwidth_gb_s"] * 1e9, fixed, bar,
+                                  earlier=[r for r in result["rows"] if r["context_tokens"] == length])
+            result["rows"] = sorted(kept + rows, key=lambda r: (r["context_tokens"], r["method"] != "full"))
             result["goals"] = check_goals(result["rows"])
             if out is not None:  # after every length, so a run stopped part-way keeps what it measured
                 write_outputs(result, out)
