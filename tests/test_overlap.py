@@ -164,3 +164,33 @@ def test_nan_found_on_the_side_stream_is_raised_when_the_prefill_ends():
     assert len(model._forward_hooks) == 0
     assert all(len(layer.self_attn._forward_hooks) == 0 for layer in model.model.layers)
     model.cpu()
+
+
+@needs_cuda
+def test_build_cache_reads_checks_back_once_and_names_the_nan_layer():
+    class NaNHead(curdkv.KNormPress):
+        def score(self, view):
+            scores = super().score(view)
+            if view.layer_idx == 1 and self.compression_ratio > 0.6:
+                scores[0, 0, 7] = math.nan
+            return scores
+
+    model = tiny_model("tiny-llama", torch.bfloat16).cuda()
+    capture = curdkv.capture_prefill(model, random_ids(300).cuda())
+    capture.build_cache(NaNHead(compression_ratio=0.5))  # compile kernels first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cache = capture.build_cache(NaNHead(compression_ratio=0.5))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    # One read back of every layer's checks, not one per layer.
+    assert len([w for w in caught if "synchroniz" in str(w.message)]) == 1
+    assert cache.get_seq_length() == 300
+    with pytest.raises(ValueError, match=r"1 NaN scores at layer 1, KV heads \[0\], over 300 tokens \(keys finite"):
+        capture.build_cache(NaNHead(compression_ratio=0.7))
+    model.cpu()

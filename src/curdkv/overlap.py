@@ -92,12 +92,20 @@ class SideStream:
             torch.cuda.current_stream(device).wait_stream(self.streams[device])
         self.busy.clear()
         pending, self.pending = self.pending, []
-        if not check or not pending:
-            return
-        # One read back for every layer's checks.
-        device = pending[0].counts.device
-        flat = torch.cat([p.counts.reshape(-1).to(device) for p in pending]).cpu()
-        for problem, counts in zip(pending, flat.split([p.counts.numel() for p in pending])):
-            message = problem.message(counts.reshape(problem.counts.shape))
-            if message is not None:
-                raise ValueError(message)
+        if check:
+            found = first_problem(pending)
+            if found is not None:
+                raise ValueError(found[1])
+
+
+def first_problem(pending: list[LayerProblems]) -> tuple[LayerProblems, str] | None:
+    """The first layer whose checks failed and its error, read back from the device at once."""
+    if not pending:
+        return None
+    device = pending[0].counts.device
+    flat = torch.cat([p.counts.reshape(-1).to(device) for p in pending]).cpu()
+    for problem, counts in zip(pending, flat.split([p.counts.numel() for p in pending])):
+        message = problem.message(counts.reshape(problem.counts.shape))
+        if message is not None:
+            return problem, message
+    return None

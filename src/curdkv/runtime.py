@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from .attention import QueryRecorder, recording_queries, using_curdkv_attention
-from .overlap import SideStream, empty_head_message, layer_problems
+from .overlap import SideStream, empty_head_message, first_problem, layer_problems
 from .cache import CompressedCache, CompressedLayer
 from .presses.base import ALL_QUERIES, Press, ScoringView, check_choice
 from .ragged_layer import MaskedLayer, RaggedLayer
@@ -434,10 +434,19 @@ class PrefillCapture:
             keeps = [press.layer_keep(self.seq_len, i, self.num_layers) for i in range(self.num_layers)]
             nothing_evicted = all(k >= self.seq_len for k in keeps)
             scores = [None] * self.num_layers if nothing_evicted else self.scores(press, queries)
-        return CompressedCache.from_layers([
-            compress_layer(press, k, v, q, m, i, layout, scores=s, n_keep=n_keep)
-            for i, (k, v, q, m, s, n_keep) in enumerate(zip(self.keys, self.values, queries, self.modules, scores, keeps))
-        ])
+        inputs = list(zip(self.keys, self.values, queries, self.modules, scores, keeps))
+        # On the GPU every layer's checks are read back once, at the end: a read back per layer
+        # would stop the host from queueing the next layer while the GPU works on this one.
+        problems = [] if self.keys and self.keys[0].is_cuda else None
+        layers = [compress_layer(press, k, v, q, m, i, layout, scores=s, n_keep=n_keep, problems=problems)
+                  for i, (k, v, q, m, s, n_keep) in enumerate(inputs)]
+        found = first_problem(problems or [])
+        if found is not None:
+            # Again with the checks at once, for the error that says which inputs were finite.
+            k, v, q, m, s, n_keep = inputs[found[0].layer_idx]
+            compress_layer(press, k, v, q, m, found[0].layer_idx, layout, scores=s, n_keep=n_keep)
+            raise ValueError(found[1])
+        return CompressedCache.from_layers(layers)
 
     def forget_scores(self) -> None:
         """Drop the scores kept for reuse across ratios (timings of a whole build need this)."""
