@@ -27,7 +27,7 @@ def add_bench(sub, parse) -> None:
                        help="decode measurements per configuration, median (default 2)")
     bench.add_argument("--dtype", default=d["dtype"].default, choices=["bfloat16", "float16", "float32"])
     bench.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    bench.add_argument("--out", required=True, help="folder for bench.json, bench.md, bench.png (resumes lengths)")
+    bench.add_argument("--out", required=True, help="folder for bench.json, bench.md, bench.png (resumes the lengths, methods and ratios it holds)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
