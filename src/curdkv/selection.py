@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .kernels.topk import topk_available, topk_in_order
+
 
 def kept_count(seq_len: int, compression_ratio: float) -> int:
     """Tokens each KV head keeps out of ``seq_len`` at ``compression_ratio``.
@@ -85,8 +87,6 @@ def select_uniform(
     ``check_nan=False`` leaves the NaN check to the caller (it reads a flag
     back to the host, which a GPU caller does once the layer's work is queued).
     """
-    from .kernels.topk import topk_available, topk_in_order
-
     if topk_available(scores):
         # Radix select and in-order write in six launches; protection happens inside.
         _check_shape_budget_nan(scores, n_keep, sinks, recent, check_nan)

@@ -366,8 +366,9 @@ def run_bench(settings: BenchSettings, out: str | Path | None = None, progress: 
     out = Path(out) if out is not None else None
     previous = _load_previous(out, settings)
     earlier = previous.get("rows", [])
-    done = {(r["context_tokens"], r["method"], r["compression_ratio"]) for r in earlier}
-    todo = [n for n in settings.lengths if _configs(settings, {(m, r) for (length, m, r) in done if length == n})]
+    missing = {n: _configs(settings, {(r["method"], r["compression_ratio"]) for r in earlier if r["context_tokens"] == n})
+               for n in settings.lengths}
+    todo = [n for n in settings.lengths if missing[n]]
     methods = tuple(previous.get("settings", {}).get("methods", ()))
     methods += tuple(m for m in settings.methods if m not in methods)
     device = torch.device(settings.device)
@@ -380,10 +381,10 @@ def run_bench(settings: BenchSettings, out: str | Path | None = None, progress: 
     layer_bytes = _layer_kv_bytes(model, max(settings.lengths))
     result = {
         "environment": environment(),
-        "settings": {**settings.as_dict(), "lengths": sorted({n for n, _, _ in done} | set(settings.lengths)),
+        "settings": {**settings.as_dict(), "lengths": sorted({r["context_tokens"] for r in earlier} | set(settings.lengths)),
                      "methods": methods},
         "copy_bandwidth_gb_s": previous.get("copy_bandwidth_gb_s") or copy_bandwidth(layer_bytes, device) / 1e9,
-        "rows": previous.get("rows", []),
+        "rows": earlier,
     }
     if todo:
         _warm_up(model, settings, device)
@@ -392,8 +393,7 @@ def run_bench(settings: BenchSettings, out: str | Path | None = None, progress: 
     if todo and fixed[0] is None:
         fixed = _fixed_decode_ms(model, settings, device)
     result["fixed_decode_ms_per_token"], result["fixed_decode_gpu_ms_per_token"] = fixed
-    total = sum(len(_configs(settings, {(m, r) for (length, m, r) in done if length == n})) for n in todo)
-    with tqdm(total=total, desc="bench", unit="config", disable=not progress) as bar:
+    with tqdm(total=sum(len(missing[n]) for n in todo), desc="bench", unit="config", disable=not progress) as bar:
         for length in todo:
             bar.set_postfix_str(f"{length} tokens")
             kept = [r for r in result["rows"] if r["context_tokens"] != length]

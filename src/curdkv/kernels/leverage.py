@@ -117,7 +117,7 @@ def _scaled(gram_matrix: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torc
 
 
 def _inverse_transpose(chol: torch.Tensor) -> torch.Tensor:
-    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device).expand_as(chol)
+    eye = _identity(chol.shape[-1], chol.device).expand_as(chol)
     return torch.linalg.solve_triangular(chol, eye, upper=False).transpose(-1, -2)
 
 
@@ -192,12 +192,13 @@ def whitening_terms(partials: torch.Tensor, dtype: torch.dtype, ridge: float = 1
     hi = torch.empty(m, d, d, device=partials.device, dtype=dtype)
     lo = torch.empty_like(hi)
     # The solve's output may be column-major (LAPACK's layout on CPU): strides are passed, not assumed.
-    _split_kernel[grid](inverse, info.to(torch.int32), scales, hi, lo, *inverse.stride(), D=d, ROWS=FUSED_ROWS)
+    _split_kernel[grid](inverse, info, scales, hi, lo, *inverse.stride(), D=d, ROWS=FUSED_ROWS)
     return hi, lo
 
 
 @functools.cache
 def _identity(d: int, device: torch.device) -> torch.Tensor:
+    """The float64 D x D identity, made once per device (the solves only read it)."""
     return torch.eye(d, dtype=torch.float64, device=device)
 
 

@@ -30,6 +30,8 @@ BLOCK = 1024
 # Bins per digit: four digits of 8 bits. Triton's histogram costs grow with the bins (2048-bin digits
 # measured 50-60 us a pass at 128K x 8 heads on an H100).
 BINS = 256
+# Digits of a 32-bit key.
+DIGITS = 4
 # Programs in all (a power of two): enough to spread a pass over the GPU at batch 1 with 8 KV heads.
 TARGET_PROGRAMS = 256
 
@@ -61,15 +63,15 @@ def topk_in_order(scores: torch.Tensor, k: int, sinks: int = 0, recent: int = 0)
     rows = b * h
     flat = scores.float().reshape(rows, n).contiguous()
     chunk, programs = _chunks(n, rows)
-    hist = torch.zeros(4, rows, BINS, dtype=torch.int32, device=scores.device)
+    hist = torch.zeros(DIGITS, rows, BINS, dtype=torch.int32, device=scores.device)
     counts = torch.empty(rows, programs, 2, dtype=torch.int32, device=scores.device)
     out = torch.empty(rows, k, dtype=torch.int64, device=scores.device)
     grid = (rows, programs)
-    for digit in range(4):
+    for digit in range(DIGITS):
         _histogram_kernel[grid](flat, hist, n, k, sinks, recent, CHUNK=chunk, DIGIT=digit, BLOCK=BLOCK, BINS=BINS)
-    _count_kernel[grid](flat, hist, counts, n, k, sinks, recent, CHUNK=chunk, BLOCK=BLOCK, BINS=BINS)
+    _count_kernel[grid](flat, hist, counts, n, k, sinks, recent, CHUNK=chunk, BLOCK=BLOCK, BINS=BINS, DIGITS=DIGITS)
     _write_kernel[grid](flat, hist, counts, out, n, k, sinks, recent, CHUNK=chunk, BLOCK=BLOCK, BINS=BINS,
-                        MAX_PROGRAMS=TARGET_PROGRAMS)
+                        DIGITS=DIGITS, MAX_PROGRAMS=TARGET_PROGRAMS)
     return out.reshape(b, h, k)
 
 
@@ -143,9 +145,9 @@ if triton is not None:
 
     @triton.jit
     def _count_kernel(scores_ptr, hist_ptr, counts_ptr, n, k, sinks, recent,
-                      CHUNK: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr):
+                      CHUNK: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr, DIGITS: tl.constexpr):
         row, part = tl.program_id(0), tl.program_id(1)
-        threshold, _ = _prefix(hist_ptr, row, tl.num_programs(0), k, 4, BINS)
+        threshold, _ = _prefix(hist_ptr, row, tl.num_programs(0), k, DIGITS, BINS)
         above = 0
         equal = 0
         start = part * CHUNK
@@ -159,9 +161,10 @@ if triton is not None:
 
     @triton.jit
     def _write_kernel(scores_ptr, hist_ptr, counts_ptr, out_ptr, n, k, sinks, recent,
-                      CHUNK: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr, MAX_PROGRAMS: tl.constexpr):
+                      CHUNK: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr, DIGITS: tl.constexpr,
+                      MAX_PROGRAMS: tl.constexpr):
         row, part = tl.program_id(0), tl.program_id(1)
-        threshold, ties_kept = _prefix(hist_ptr, row, tl.num_programs(0), k, 4, BINS)
+        threshold, ties_kept = _prefix(hist_ptr, row, tl.num_programs(0), k, DIGITS, BINS)
         # What the programs before this one keep: all their keys above T, and ties up to ties_kept.
         before = tl.arange(0, MAX_PROGRAMS)
         slots = counts_ptr + (row * tl.num_programs(1) + before) * 2
