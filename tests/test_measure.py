@@ -222,6 +222,63 @@ needs_kernel = pytest.mark.skipif(
     KERNEL_DEVICE is None, reason="the Triton kernels run on CUDA (or on CPU with Triton installed and TRITON_INTERPRET=1)")
 
 
+def sketch_case(r, dtype):
+    """A press's sketch of 3 heads of width 64, and states of 2 sequences (the second a quarter of the first)."""
+    from curdkv.presses.curdkv import CurDKVPress
+
+    g = CurDKVPress(estimator="projection", projection_dim=r).projection(3, 64, "cpu")
+    x = structured_states(n=700, d=64, dtype=dtype).expand(2, 2, 700, 64).clone()
+    x = torch.cat([x, x[:, :1] * 0.5], 1)
+    x[1] *= 0.25
+    return g, x
+
+
+@pytest.mark.parametrize("r", [1, 20, 32, 64])
+def test_projection_terms_give_the_float32_projection(r):
+    from curdkv.presses.curdkv import projected_leverage
+
+    g, x = sketch_case(r, torch.bfloat16)
+    hi, lo = leverage.projection_terms(g, torch.bfloat16)
+    assert hi.shape == lo.shape == (3, 64, max(16, 1 << (r - 1).bit_length())) and hi.dtype == torch.bfloat16
+    assert not hi[..., r:].any() and not lo[..., r:].any()
+    # Split terms carry ~16 bits of G: float32 agreement to ~1e-4; one term alone is ~100x worse.
+    want = projected_leverage(x, g)
+    torch.testing.assert_close(leverage.whitened_norms_torch(x, hi, lo), want, rtol=2e-4, atol=1e-3)
+    one = leverage.whitened_norms_torch(x, hi, torch.zeros_like(lo))
+    assert float(((one - want).abs() / want).max()) > 1e-3
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and leverage.triton is not None),
+                    reason="the Triton leverage kernels run on CUDA; run on the GPU machine")
+@pytest.mark.parametrize("r", [1, 20, 32, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sketch_norms_kernel_equals_float32_projection(r, dtype):
+    from curdkv.presses.curdkv import CurDKVPress, projected_leverage
+
+    g, x = sketch_case(r, dtype)
+    hi, lo = leverage.projection_terms(g, dtype)
+    got = leverage.transformed_norms(x.cuda(), hi.cuda(), lo.cuda()).cpu()
+    want = projected_leverage(x, g)
+    assert got.shape == want.shape == (2, 3, 700)
+    torch.testing.assert_close(got, want, rtol=2e-4, atol=1e-3)
+    # Every sequence uses the shared terms: the second is the first scaled by 1/16.
+    torch.testing.assert_close(got[1], got[0] / 16, rtol=1e-5, atol=1e-6)
+    # The press takes the kernel on CUDA and gives the same scores.
+    press = CurDKVPress(estimator="projection", projection_dim=r)
+    view = type("View", (), {"keys": x.cuda(), "values": x.flip(2).cuda(), "num_kv_heads": 3})()
+    lk, lv = press.leverages(view)
+    torch.testing.assert_close(lk.cpu(), want, rtol=2e-4, atol=1e-3)
+    torch.testing.assert_close(lv.cpu(), want.flip(-1), rtol=2e-4, atol=1e-3)
+
+
+def test_transformed_norms_refuses_terms_of_the_wrong_shape():
+    x = torch.randn(1, 2, 8, 32).half()
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        leverage.transformed_norms(x, torch.zeros(2, 32, 20).half(), torch.zeros(2, 32, 20).half())
+    with pytest.raises(ValueError, match=r"\[\.\.\., 32, R\]"):
+        leverage.transformed_norms(x, torch.zeros(2, 16, 16).half(), torch.zeros(2, 16, 16).half())
+
+
 @needs_kernel
 @pytest.mark.parametrize("n,k,dk,dv", [(200, 70, 32, 16), (1000, 1, 64, 64), (130, 130, 16, 32)])
 def test_gather_kernel_equals_torch_gather(n, k, dk, dv):
@@ -387,6 +444,29 @@ def test_bench_decode_speedups_from_wall_and_gpu_times():
     # Rows without a GPU time (CPU, or resumed from an older JSON) derive only the wall columns.
     rows = _derive([row("full", 0.0, 40.0, None), row("curdkv", 0.5, 32.0, None)], 20.0, None)
     assert "decode_gpu_speedup" not in rows[1] and "decode_gpu_efficiency" not in check_goals(rows)
+
+
+def test_bench_goals_judge_both_curdkv_estimators_at_the_longest_context():
+    from curdkv.bench.speed import check_goals
+
+    def row(method, ratio, percent, vs_bandwidth, tokens=8192):
+        return dict(context_tokens=tokens, method=method, compression_ratio=ratio, peak_prefill_bytes=None,
+                    overhead_percent_of_prefill=percent,
+                    overlapped_overhead_percent_of_prefill=None if percent is None else percent / 2,
+                    overhead_vs_bandwidth=vs_bandwidth)
+
+    rows = [row("full", 0.0, None, None), row("curdkv", 0.2, 0.3, 5.0), row("curdkv", 0.9, 0.25, 4.0),
+            row("curdkv-sketch", 0.2, 0.15, 2.5), row("curdkv-sketch", 0.9, 0.08, 1.5),
+            row("snapkv", 0.5, 0.5, 3.0), row("curdkv-sketch", 0.9, 9.0, 9.0, tokens=4096)]
+    goals = check_goals(rows)
+    assert goals["context_tokens"] == 8192
+    assert goals["curdkv_overhead_percent"] == {"worst": 0.3, "max": 0.2, "met": False}
+    assert goals["curdkv_overlapped_overhead_percent"]["met"]
+    # The shorter context's slow row is not judged; the worst of the longest is.
+    assert goals["curdkv_sketch_overhead_percent"] == {"worst": 0.15, "max": 0.2, "met": True}
+    assert goals["curdkv_sketch_overhead_vs_bandwidth"] == {"worst": 2.5, "max": 2.0, "met": False}
+    assert goals["snapkv_overhead_percent"]["met"]
+    assert not any(name.startswith("adacurdkv") for name in goals)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU time needs CUDA")

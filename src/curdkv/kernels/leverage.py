@@ -32,7 +32,8 @@ import functools
 
 import torch
 
-from .common import HALF_DTYPES, pow2_between, tl, triton
+from .common import HALF_DTYPES, next_pow2, pow2_between, tl, triton
+
 # Rows of X per tile. 64 keeps the D x D accumulator plus two tiles in
 # registers at D = 128 with 8 warps.
 BLOCK_N = 64
@@ -267,16 +268,31 @@ def whitened_norms(x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch
     """:func:`whitened_norms_torch`, by a Triton kernel on CUDA half precision."""
     if not fast_path_available(x):
         return whitened_norms_torch(x, hi, lo)
+    return transformed_norms(x, hi, lo)
+
+
+def transformed_norms(x: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """``‖x_j (hi + lo)‖²`` per head in one read of ``x`` (Triton, whatever the device; callers check).
+
+    ``x``: ``[B, H, N, D]`` half precision. ``hi``, ``lo``: ``[B, H, D, R]``,
+    or ``[H, D, R]`` for terms shared by every sequence of the batch (a
+    sketch), in ``x``'s dtype, ``R`` a power of two >= 16 (zero columns
+    pad a narrower transform: they add nothing). Returns float32 ``[B, H, N]``.
+    """
     b, h, n, d = x.shape
+    r = hi.shape[-1]
+    if hi.shape[-2] != d or not pow2_between(r, 16) or hi.shape != lo.shape:
+        raise ValueError(f"hi and lo must both be [..., {d}, R] with R a power of two >= 16, got {tuple(hi.shape)}"
+                         f" and {tuple(lo.shape)}")
     x3 = x.reshape(b * h, n, d)
     if x3.stride(-1) != 1 or x3.stride(1) != d:
         x3 = x3.contiguous()
     out = torch.empty(b * h, n, device=x.device, dtype=torch.float32)
-    hi3, lo3 = hi.reshape(b * h, d, d).contiguous(), lo.reshape(b * h, d, d).contiguous()
+    hi3, lo3 = hi.reshape(-1, d, r).contiguous(), lo.reshape(-1, d, r).contiguous()
     rows_per_split, splits = _splits(n)
     # 4 warps: measured 0.17 ms for K of a Llama-3.1-8B layer at 128K on an H100, against 0.29 with 8.
     _whitened_norms_kernel[(b * h, splits)](
-        x3, hi3, lo3, out, n, rows_per_split, x3.stride(0), D=d, BLOCK_N=BLOCK_N, num_warps=4,
+        x3, hi3, lo3, out, n, rows_per_split, x3.stride(0), hi3.shape[0], D=d, R=r, BLOCK_N=BLOCK_N, num_warps=4,
     )
     return out.reshape(b, h, n)
 
@@ -285,12 +301,13 @@ if triton is not None:
 
     @triton.jit
     def _whitened_norms_kernel(
-        x_ptr, hi_ptr, lo_ptr, out_ptr, n, rows_per_split, stride_head, D: tl.constexpr, BLOCK_N: tl.constexpr
+        x_ptr, hi_ptr, lo_ptr, out_ptr, n, rows_per_split, stride_head, terms,
+        D: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        # Each program loads its head's W terms once and streams its rows.
+        # Each program loads its head's transform terms once and streams its rows.
         head, split = tl.program_id(0), tl.program_id(1)
         cols = tl.arange(0, D)
-        w_off = head.to(tl.int64) * D * D + cols[:, None] * D + cols[None, :]
+        w_off = (head % terms).to(tl.int64) * D * R + cols[:, None] * R + tl.arange(0, R)[None, :]
         w_hi, w_lo = tl.load(hi_ptr + w_off), tl.load(lo_ptr + w_off)
         base = x_ptr + head.to(tl.int64) * stride_head
         start = split * rows_per_split
@@ -301,6 +318,14 @@ if triton is not None:
             y = tl.dot(tile, w_lo)
             y = tl.dot(tile, w_hi, y)
             tl.store(out_ptr + head.to(tl.int64) * n + rows, tl.sum(y * y, axis=1), mask=rows < stop)
+
+
+def projection_terms(projection: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sketch ``G`` ``[H, D, r]`` as :func:`transformed_norms`'s ``hi, lo`` (zero-padded to a power of two >= 16)."""
+    h, d, r = projection.shape
+    padded = projection.new_zeros(h, d, max(16, next_pow2(r)), dtype=torch.float64)
+    padded[..., :r] = projection
+    return split_terms(padded, dtype)
 
 
 # ------------------------------------------------------------------ entry

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.leverage import whitening
+from ..kernels.leverage import (
+    fast_path_available, half_precision_leverage, projection_terms, transformed_norms, whitening,
+)
 from .base import Press, ScoringView, check_choice, check_int
 
 LEVERAGES = ("kv_product", "key", "value", "kv_avg")
@@ -53,8 +55,6 @@ def exact_leverages(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Ten
     their own dtype (:mod:`curdkv.kernels.leverage`); elsewhere the float64
     :func:`exact_leverage`.
     """
-    from ..kernels.leverage import fast_path_available, half_precision_leverage
-
     if fast_path_available(keys) and fast_path_available(values) and keys.dtype == values.dtype:
         return tuple(half_precision_leverage(keys, values))
     return exact_leverage(keys), exact_leverage(values)
@@ -123,7 +123,9 @@ class CurDKVPress(Press):
     Implementation notes: the exact estimator scales columns to unit norm
     and adds a ridge of 1e-6 (finite on rank-deficient heads); on CUDA with
     a bf16/fp16 cache it runs in two reads of K and V
-    (:mod:`curdkv.kernels.leverage`), elsewhere in float64. The sketch ``G``
+    (:mod:`curdkv.kernels.leverage`), elsewhere in float64. The sketch
+    there runs in one read of K and V (the same kernel with ``G`` in place
+    of the whitening, up to ``r = D``), elsewhere in float32. The sketch ``G``
     is one per KV head, drawn from a generator seeded with ``seed``, shared
     by K and V and by all layers, so runs repeat exactly. Scores are float32
     whatever the model dtype; keys are post-RoPE as cached.
@@ -150,6 +152,7 @@ class CurDKVPress(Press):
         check_int("num_sinks", self.num_sinks, 0)
         check_int("seed", self.seed, 0)
         self._projections: dict[tuple, torch.Tensor] = {}
+        self._projection_terms: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def name(self) -> str:
@@ -176,7 +179,18 @@ class CurDKVPress(Press):
         if self.estimator == "exact":
             return exact_leverages(view.keys, view.values)
         g = self.projection(view.num_kv_heads, view.keys.shape[-1], view.keys.device)
+        fast = g is not None and g.shape[-1] <= g.shape[-2] and view.keys.dtype == view.values.dtype
+        if fast and fast_path_available(view.keys) and fast_path_available(view.values):
+            hi, lo = self.projection_terms(g, view.keys.dtype)
+            return transformed_norms(view.keys, hi, lo), transformed_norms(view.values, hi, lo)
         return projected_leverage(view.keys, g), projected_leverage(view.values, g)
+
+    def projection_terms(self, g: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``G`` split into two ``dtype`` terms for the one-read kernel, made once per sketch and dtype."""
+        key = (id(g), dtype)
+        if key not in self._projection_terms:
+            self._projection_terms[key] = projection_terms(g, dtype)
+        return self._projection_terms[key]
 
     def score(self, view: ScoringView) -> torch.Tensor:
         lk, lv = self.leverages(view)
