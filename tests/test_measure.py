@@ -423,6 +423,38 @@ def test_bench_resumes_by_method_at_one_length(tmp_path):
     assert run_bench(settings, tmp_path, progress=False)["rows"] == second["rows"]
 
 
+def test_bench_overhead_sums_each_layer_timed_alone_and_refuses_other_timings(tmp_path, monkeypatch):
+    import curdkv.bench.speed as speed
+
+    timed = []
+
+    def fake_device_seconds(fn, device, repeats, warmup=1, host_seconds=None):
+        before = len(scored)
+        fn()
+        timed.append(sorted(set(scored[before:])))
+        return 0.002
+
+    scored = []
+    original = curdkv.CurDKVPress.score
+    monkeypatch.setattr(curdkv.CurDKVPress, "score", lambda self, view: scored.append(view.layer_idx) or original(self, view))
+    monkeypatch.setattr(speed, "device_seconds", fake_device_seconds)
+    settings = BenchSettings(model="random:tiny-llama", lengths=(256,), ratios=(0.0, 0.5), methods=("curdkv", "lava"),
+                             decode_tokens=1, repeats=1, decode_repeats=1, device="cpu", dtype="float32")
+    result = run_bench(settings, tmp_path, progress=False)
+    rows = {r["method"]: r for r in result["rows"]}
+    # CurDKV: each of the 2 layers timed on its own, 2 ms each; LAVa (budgets need every layer) as one build.
+    assert timed[:2] == [[0], [1]]
+    assert rows["curdkv"]["overhead_ms_total"] == pytest.approx(4.0)
+    assert rows["lava"]["overhead_ms_total"] == pytest.approx(2.0)
+    assert result["overhead_timing"] == speed.OVERHEAD_TIMING
+    # A bench.json timed the earlier way (one sleep before a whole build) is not resumed into.
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    del saved["overhead_timing"]
+    (tmp_path / "bench.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="timed the compression overhead another way"):
+        run_bench(settings, tmp_path, progress=False)
+
+
 def test_bench_decode_speedups_from_wall_and_gpu_times():
     from curdkv.bench.speed import _derive, check_goals
 
