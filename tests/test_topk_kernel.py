@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from curdkv.kernels import topk
-from curdkv.selection import select_uniform
+from curdkv.selection import adaptive_by_kernels, select_adaptive, select_uniform
+from test_adaptive import slow_adaptive
 
 DEVICE = "cuda" if torch.cuda.is_available() else (
     "cpu" if os.environ.get("TRITON_INTERPRET") == "1" and topk.triton is not None else None)
@@ -77,6 +78,39 @@ def test_select_uniform_takes_the_kernel_with_the_same_checks():
         select_uniform(scores, 10, 4, 16)
     with pytest.raises(ValueError, match="NaN"):
         select_uniform(torch.full_like(scores, float("nan")), 900)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 0.5, 1.0])
+@pytest.mark.parametrize("sinks,recent", [(0, 0), (4, 0), (2, 6)])
+def test_adaptive_selection_by_kernels_equals_the_slow_reference(alpha, sinks, recent):
+    gen = torch.Generator().manual_seed(5)
+    b, h, n, n_keep = 2, 3, 1500, 400  # a shared row of 4500 scores: several programs
+    # Heads on different scales (the shared budget moves between them), with ties inside and across heads.
+    scores = (torch.rand(b, h, n, generator=gen) * 64).round() * torch.tensor([1.0, 4.0, 0.25])[None, :, None]
+    safeguard = int(alpha * n_keep + 1e-9)
+    keep = adaptive_by_kernels(scores.to(DEVICE), n_keep, safeguard, sinks, recent).cpu()
+    assert torch.equal(keep, slow_adaptive(scores, n_keep, alpha, sinks, recent))
+    assert (keep.sum((1, 2)) == h * n_keep).all()
+
+
+def test_adaptive_kernels_keep_the_budget_when_the_rest_is_minus_infinity():
+    # Head 1 scores -inf everywhere; the shared pass must still find new tokens, not the safeguard's again.
+    scores = torch.randn(1, 2, 2000, generator=torch.Generator().manual_seed(6))
+    scores[0, 1] = float("-inf")
+    scores[0, 0, 1000:] = float("-inf")
+    keep = adaptive_by_kernels(scores.to(DEVICE), 1200, 240, 4, 0).cpu()
+    assert int(keep.sum()) == 2400
+    assert torch.equal(keep, slow_adaptive(scores, 1200, 0.2, 4, 0))
+
+
+def test_select_adaptive_takes_the_kernels_with_the_same_checks():
+    scores = torch.randn(1, 2, 3000, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    if DEVICE == "cuda":  # select_adaptive routes to the kernels on CUDA only
+        assert torch.equal(select_adaptive(scores, 900, 0.2, 4, 16).cpu(), slow_adaptive(scores.cpu(), 900, 0.2, 4, 16))
+    with pytest.raises(ValueError, match="budget"):
+        select_adaptive(scores, 10, 0.2, 4, 16)
+    with pytest.raises(ValueError, match="NaN"):
+        select_adaptive(torch.full_like(scores, float("nan")), 900, 0.2)
 
 
 def test_refuses_bad_k_and_shapes():
