@@ -91,6 +91,11 @@ def test_adaptive_selection_by_kernels_equals_the_slow_reference(alpha, sinks, r
     keep = adaptive_by_kernels(scores.to(DEVICE), n_keep, safeguard, sinks, recent).cpu()
     assert torch.equal(keep, slow_adaptive(scores, n_keep, alpha, sinks, recent))
     assert (keep.sum((1, 2)) == h * n_keep).all()
+    # Scores laid out head-last (a transposed view) give the same choice, and are left as they were.
+    strided = scores.transpose(1, 2).contiguous().to(DEVICE).transpose(1, 2)
+    before = strided.clone()
+    assert torch.equal(adaptive_by_kernels(strided, n_keep, safeguard, sinks, recent).cpu(), keep)
+    assert torch.equal(strided, before)
 
 
 def test_adaptive_kernels_keep_the_budget_when_the_rest_is_minus_infinity():

@@ -164,7 +164,7 @@ def adaptive_by_kernels(scores: torch.Tensor, n_keep: int, safeguard: int, sinks
     # Kept tokens get the bits of a negative NaN, which the kernels' keys order below -inf:
     # they cannot be picked again, even where the remaining scores are -inf.
     rest = rest.view(torch.int32).masked_fill(keep, -1).view(torch.float32)
-    keep.view(b, 1, h * n).scatter_(-1, topk_in_order(rest.view(b, 1, h * n), shared), True)
+    keep.view(b, 1, h * n).scatter_(-1, topk_in_order(rest.reshape(b, 1, h * n), shared), True)
     return keep
 
 
