@@ -97,7 +97,7 @@ class BenchSettings:
     model: str = "random:llama-3.1-8b"
     lengths: tuple[int, ...] = (4096, 16384, 32768, 65536, 131072)
     ratios: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9)
-    methods: tuple[str, ...] = ("curdkv", "adacurdkv", "snapkv")
+    methods: tuple[str, ...] = ("curdkv", "curdkv-sketch", "adacurdkv", "snapkv")
     decode_tokens: int = 100
     repeats: int = 3
     decode_repeats: int = 2
