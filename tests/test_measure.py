@@ -423,6 +423,28 @@ def test_bench_resumes_by_method_at_one_length(tmp_path):
     assert run_bench(settings, tmp_path, progress=False)["rows"] == second["rows"]
 
 
+def test_bench_runs_one_untimed_prefill_per_method_before_the_timed_ones(tmp_path, monkeypatch):
+    import curdkv.bench.speed as speed
+
+    calls = []
+    original = speed._prefill
+
+    def recording(model, ids, press=None):
+        calls.append(("full", 0.0) if press is None else (press.name, press.compression_ratio))
+        return original(model, ids, press)
+
+    monkeypatch.setattr(speed, "_prefill", recording)
+    settings = BenchSettings(model="random:tiny-llama", lengths=(512,), ratios=(0.0, 0.5, 0.8),
+                             methods=("curdkv", "snapkv"), decode_tokens=1, repeats=1, decode_repeats=1,
+                             device="cpu", dtype="float32")
+    result = run_bench(settings, tmp_path, progress=False)
+    # calls[0]: the run's warm-up prefill (kernels compiled once); then this length's untimed ones.
+    warm, timed = calls[1:4], calls[4:]
+    assert warm == [("full", 0.0), ("curdkv", 0.5), ("snapkv", 0.5)]
+    assert timed == [("full", 0.0), ("curdkv", 0.5), ("curdkv", 0.8), ("snapkv", 0.5), ("snapkv", 0.8)]
+    assert len(result["rows"]) == 5
+
+
 def test_bench_overhead_sums_each_layer_timed_alone_and_refuses_other_timings(tmp_path, monkeypatch):
     import curdkv.bench.speed as speed
 
