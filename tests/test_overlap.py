@@ -72,6 +72,24 @@ def test_layer_problems_messages():
     assert "at layer 4 some kept none" in problems.message(empty)
 
 
+def test_layer_problems_of_a_uniform_layer_count_nan_only_and_are_read_with_the_others():
+    from curdkv.overlap import first_problem, layer_problems
+
+    press = curdkv.KNormPress(compression_ratio=0.5)
+    scores = torch.zeros(1, 3, 10)
+    uniform = layer_problems(press, 0, scores, None)
+    assert uniform.counts.shape == (1, 1, 3) and uniform.message(uniform.counts) is None
+    adaptive = layer_problems(press, 1, scores, torch.tensor([[False, True, False]]))
+    assert adaptive.counts.shape == (2, 1, 3)
+    scores[0, 2, 4] = float("nan")
+    broken = layer_problems(press, 2, scores, None)
+    found = first_problem([uniform, adaptive, broken])
+    # Layer 1's empty head comes first; without it, layer 2's NaN.
+    assert found[0] is adaptive and "some kept none" in found[1]
+    found = first_problem([uniform, broken])
+    assert found[0] is broken and "returned 1 NaN scores at layer 2, KV heads [2]" in found[1]
+
+
 def test_adaptive_layer_with_an_empty_head_is_refused():
     # alpha=0, no sinks: the shared budget can all go to one head.
     press = curdkv.AdaCurDKV(compression_ratio=0.5, alpha=0.0, num_sinks=0)

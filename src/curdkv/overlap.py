@@ -29,17 +29,17 @@ class LayerProblems:
     press: object
     layer_idx: int
     seq_len: int
-    counts: torch.Tensor  # [2, B, H_kv] int64: NaN scores per head, head kept nothing (0/1)
+    counts: torch.Tensor  # [1 or 2, B, H_kv] int64: NaN scores per head, then (if checked) head kept nothing (0/1)
 
     def message(self, counts: torch.Tensor) -> str | None:
         """The error for ``counts`` read back to the host, ``None`` if the layer is sound."""
-        nan, empty = counts[0], counts[1]
+        nan = counts[0]
         if bool((nan > 0).any()):
             heads = sorted({int(h) for h in (nan > 0).nonzero()[:, 1].tolist()})
             return (f"{self.press!r} returned {int(nan.sum())} NaN scores at layer {self.layer_idx}, "
                     f"KV heads {heads}, over {self.seq_len} tokens (found when the prefill ended; "
                     f"compress(..., overlap=False) checks each layer at once and says whether its inputs were finite)")
-        if bool((empty > 0).any()):
+        if len(counts) > 1 and bool((counts[1] > 0).any()):
             return empty_head_message(self.layer_idx)
         return None
 
@@ -51,8 +51,9 @@ def empty_head_message(layer_idx: int) -> str:
 def layer_problems(press, layer_idx: int, scores: torch.Tensor, empty_heads: torch.Tensor | None) -> LayerProblems:
     """Queue one layer's checks on the GPU: NaN scores per head and heads left empty."""
     nan = torch.isnan(scores).sum(-1)
-    empty = torch.zeros_like(nan) if empty_heads is None else empty_heads.to(nan.dtype)
-    return LayerProblems(press, layer_idx, scores.shape[-1], torch.stack([nan, empty]))
+    # A uniform selection keeps the same count in every head: no empty-head row (two launches fewer).
+    counts = nan[None] if empty_heads is None else torch.stack([nan, empty_heads.to(nan.dtype)])
+    return LayerProblems(press, layer_idx, scores.shape[-1], counts)
 
 
 class SideStream:

@@ -89,7 +89,8 @@ class RaggedLayer(DynamicLayer):
         layer.context_keys, layer.context_values = keys.reshape(-1, d), values.reshape(-1, values.shape[-1])
         layer.lengths = torch.full((b, h), k, dtype=torch.int64)
         # Built on the device: copying offsets from the host would wait for the GPU's queue.
-        layer.offsets = torch.arange(b * h + 1, device=keys.device) * k
+        layer.offsets = (torch.arange(0, (b * h + 1) * k, k, device=keys.device) if k
+                         else torch.zeros(b * h + 1, dtype=torch.int64, device=keys.device))
         layer.context_length = context_length
         layer._tail_k, layer._tail_v = keys.new_empty(b, h, 0, d), values.new_empty(b, h, 0, values.shape[-1])
         layer._expose_tail()
