@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ratios", default="0.5,0.9")
     parser.add_argument("--methods", default="curdkv,curdkv-sketch,adacurdkv,snapkv,knorm")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--beside-methods", default="curdkv,adacurdkv,snapkv")
+    parser.add_argument("--beside-methods", default="curdkv,curdkv-sketch,adacurdkv,snapkv")
     parser.add_argument("--beside-queries", type=int, default=8192)
     parser.add_argument("--beside-rounds", type=int, default=15)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

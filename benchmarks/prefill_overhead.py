@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="random:llama-3.1-8b")
     parser.add_argument("--tokens", type=int, default=131072)
-    parser.add_argument("--presses", default="curdkv,adacurdkv,snapkv")
+    parser.add_argument("--presses", default="curdkv,curdkv-sketch,adacurdkv,snapkv")
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--out", required=True)
