@@ -469,6 +469,7 @@ def test_bench_overhead_sums_each_layer_timed_alone_and_refuses_other_timings(tm
     assert rows["curdkv"]["overhead_ms_total"] == pytest.approx(4.0)
     assert rows["lava"]["overhead_ms_total"] == pytest.approx(2.0)
     assert result["overhead_timing"] == speed.OVERHEAD_TIMING
+    assert f"median of 1, {speed.OVERHEAD_TIMING}." in (tmp_path / "bench.md").read_text()
     # A bench.json timed the earlier way (one sleep before a whole build) is not resumed into.
     saved = json.loads((tmp_path / "bench.json").read_text())
     del saved["overhead_timing"]
