@@ -248,6 +248,20 @@ def test_projection_terms_give_the_float32_projection(r):
     assert float(((one - want).abs() / want).max()) > 1e-3
 
 
+def test_sketch_estimator_takes_one_sketch_per_head_size():
+    from curdkv.presses.curdkv import CurDKVPress, projected_leverage
+
+    press = CurDKVPress(estimator="projection", projection_dim=8)
+    keys, values = torch.randn(1, 2, 50, 32), torch.randn(1, 2, 50, 16)
+    view = type("View", (), {"keys": keys, "values": values, "num_kv_heads": 2})()
+    lk, lv = press.leverages(view)
+    assert lk.shape == lv.shape == (1, 2, 50)
+    torch.testing.assert_close(lk, projected_leverage(keys, press.projection(2, 32, "cpu")))
+    torch.testing.assert_close(lv, projected_leverage(values, press.projection(2, 16, "cpu")))
+    # Keys and values of one head size share one sketch (the paper's G).
+    assert press.projection(2, 32, "cpu") is press.projection(2, 32, "cpu")
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() and leverage.triton is not None),
                     reason="the Triton leverage kernels run on CUDA; run on the GPU machine")
 @pytest.mark.parametrize("r", [1, 20, 32, 64])

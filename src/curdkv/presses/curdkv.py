@@ -127,7 +127,8 @@ class CurDKVPress(Press):
     there runs in one read of K and V (the same kernel with ``G`` in place
     of the whitening, up to ``r = D``), elsewhere in float32. The sketch ``G``
     is one per KV head, drawn from a generator seeded with ``seed``, shared
-    by K and V and by all layers, so runs repeat exactly. Scores are float32
+    by K and V (one per head size where they differ) and by all layers, so
+    runs repeat exactly. Scores are float32
     whatever the model dtype; keys are post-RoPE as cached.
 
     Scores are normalised per head, so they are comparable across heads in the
@@ -178,12 +179,19 @@ class CurDKVPress(Press):
         """Unnormalised key and value leverage, each float32 ``[B, H_kv, N]``."""
         if self.estimator == "exact":
             return exact_leverages(view.keys, view.values)
-        g = self.projection(view.num_kv_heads, view.keys.shape[-1], view.keys.device)
-        fast = g is not None and g.shape[-1] <= g.shape[-2] and view.keys.dtype == view.values.dtype
-        if fast and fast_path_available(view.keys) and fast_path_available(view.values):
-            hi, lo = self.projection_terms(g, view.keys.dtype)
-            return transformed_norms(view.keys, hi, lo), transformed_norms(view.values, hi, lo)
-        return projected_leverage(view.keys, g), projected_leverage(view.values, g)
+        return self.projected(view.keys, view.num_kv_heads), self.projected(view.values, view.num_kv_heads)
+
+    def projected(self, states: torch.Tensor, num_heads: int) -> torch.Tensor:
+        """:func:`projected_leverage` of keys or values with this press's sketch for their head size.
+
+        Keys and values of one head size share one sketch; a model whose
+        values are narrower than its keys gets one per size. On CUDA with a
+        half-precision cache and ``r <= D``: one read by the Triton kernel.
+        """
+        g = self.projection(num_heads, states.shape[-1], states.device)
+        if g is not None and g.shape[-1] <= g.shape[-2] and fast_path_available(states):
+            return transformed_norms(states, *self.projection_terms(g, states.dtype))
+        return projected_leverage(states, g)
 
     def projection_terms(self, g: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``G`` split into two ``dtype`` terms for the one-read kernel, made once per sketch and dtype."""
