@@ -171,6 +171,15 @@ def test_split_precision_leverage_matches_float64(dtype):
     assert float(((one - ref).abs() / ref).max()) > 5 * float(((fast - ref).abs() / ref).max())
 
 
+def test_half_precision_leverage_of_keys_and_narrower_values():
+    keys, values = structured_states(d=32), structured_states(d=16, seed=1)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and leverage.triton is not None else [])
+    for device in devices:  # on CUDA each takes the fused kernels on its own
+        lk, lv = leverage.half_precision_leverage(keys.to(device), values.to(device))
+        torch.testing.assert_close(lk.cpu(), exact_leverage(keys), rtol=2e-3, atol=1e-6)
+        torch.testing.assert_close(lv.cpu(), exact_leverage(values), rtol=2e-3, atol=1e-6)
+
+
 def test_half_precision_leverage_refuses_float32():
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         leverage.half_precision_leverage(torch.randn(1, 1, 8, 4))

@@ -341,7 +341,9 @@ def half_precision_leverage(*states: torch.Tensor, ridge: float = 1e-6) -> list[
     for x in states:
         if x.dtype not in HALF_DTYPES:
             raise ValueError(f"states must be bfloat16 or float16 for the split-precision path, got {x.dtype}")
-    if all(fast_path_available(x) for x in states) and len({x.shape for x in states}) == 1:
+    if len({x.shape for x in states}) > 1:  # e.g. values narrower than keys: the D x D batches differ
+        return [half_precision_leverage(x, ridge=ridge)[0] for x in states]
+    if all(fast_path_available(x) for x in states):
         b, h, n, d = states[0].shape
         partials = torch.empty(len(states), b * h, _splits(n)[1], d, d, device=states[0].device, dtype=torch.float32)
         for x, out in zip(states, partials):
