@@ -276,6 +276,11 @@ def measure_length(
     return _derive(earlier + list(rows.values()), *fixed)
 
 
+def _layer_by_layer(press) -> bool:
+    """Whether each layer is compressed on its own, right after its attention (no scores of later layers needed)."""
+    return not (press.needs_full_prefill or press.lookahead_tokens)
+
+
 def _alone_seconds(press, capture, build, wall: float, settings: BenchSettings, device) -> float:
     """GPU time of compressing every layer with the host ahead of the GPU, each layer behind its own sleep.
 
@@ -289,7 +294,7 @@ def _alone_seconds(press, capture, build, wall: float, settings: BenchSettings, 
     each layer's own GPU time: that is what is summed here. Presses that
     need every layer's scores first are timed as a whole build.
     """
-    if press.needs_full_prefill or press.lookahead_tokens:
+    if not _layer_by_layer(press):
         return device_seconds(build, device, settings.repeats, host_seconds=wall)
     queries = capture.window_queries(press)
     total = 0.0
@@ -303,7 +308,7 @@ def _alone_seconds(press, capture, build, wall: float, settings: BenchSettings, 
 
 def _overlapped_layer_seconds(press, capture, settings: BenchSettings, device) -> float | None:
     """GPU time the middle layer's compression adds beside compute-bound attention over its context."""
-    if press.needs_full_prefill or press.lookahead_tokens:
+    if not _layer_by_layer(press):
         return None  # compressed after the whole prefill, not beside it
     i = capture.num_layers // 2
     keys, values, module = capture.keys[i], capture.values[i], capture.modules[i]

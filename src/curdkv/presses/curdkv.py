@@ -195,7 +195,7 @@ class CurDKVPress(Press):
 
     def projection_terms(self, g: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``G`` split into two ``dtype`` terms for the one-read kernel, made once per sketch and dtype."""
-        key = (id(g), dtype)
+        key = (*g.shape, str(g.device), dtype)  # as the sketch's own key: one sketch per heads, size, device
         if key not in self._projection_terms:
             self._projection_terms[key] = projection_terms(g, dtype)
         return self._projection_terms[key]
