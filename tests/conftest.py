@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -14,6 +15,33 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 _MODELS: dict[tuple[str, torch.dtype], torch.nn.Module] = {}
 TINY_VOCAB = 256  # vocab_size of the tiny architectures
+
+
+def _kernel_device() -> str | None:
+    """Where the Triton kernels can run: on CUDA, or on CPU through Triton's interpreter
+    (``TRITON_INTERPRET=1`` set before Triton is imported); ``None`` without Triton."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else None
+
+
+KERNEL_DEVICE = _kernel_device()
+# The interpreter runs kernels through numpy: slow (small shapes only) and wrong for bfloat16 conversions.
+INTERPRETED = KERNEL_DEVICE == "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``kernel`` run the Triton kernels; without a place to run them they are skipped."""
+    if KERNEL_DEVICE is not None:
+        return
+    why = ("not installed" if importlib.util.find_spec("triton") is None else "installed but TRITON_INTERPRET is unset")
+    skip = pytest.mark.skip(reason=f"the Triton kernels run on CUDA, or on CPU under Triton's interpreter "
+                                   f"(`make test` runs them with TRITON_INTERPRET=1); Triton is {why}")
+    for item in items:
+        if item.get_closest_marker("kernel"):
+            item.add_marker(skip)
 
 
 def random_ids(n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:

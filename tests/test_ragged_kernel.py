@@ -7,13 +7,12 @@ through Triton's interpreter when Triton is installed and
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import pytest
 import torch
 
+from conftest import KERNEL_DEVICE
 from curdkv.ragged import RaggedKV, offsets_from_lengths, ragged_attention_reference
 
 TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 1e-2}
@@ -120,19 +119,6 @@ def test_reference_random_shapes():
 
 # --- the Triton kernel -----------------------------------------------------
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
-if torch.cuda.is_available():
-    KERNEL_DEVICE = "cuda"
-elif INTERPRET:
-    KERNEL_DEVICE = "cpu"
-else:
-    KERNEL_DEVICE = None
-needs_kernel = pytest.mark.skipif(
-    KERNEL_DEVICE is None,
-    reason="Triton kernel runs on CUDA; run on the GPU machine (or on CPU with Triton installed and "
-           "TRITON_INTERPRET=1, slow; Triton is "
-           + ("not installed here)" if importlib.util.find_spec("triton") is None else "installed but TRITON_INTERPRET is unset)"),
-)
 
 
 def _kernel(query, kv, scaling=None, **kw):
@@ -158,7 +144,7 @@ def test_import_without_triton():
     assert isinstance(mod.triton_available(), bool)
 
 
-@needs_kernel
+@pytest.mark.kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"case{i}" for i in range(len(SHAPES))])
 def test_kernel_matches_reference(shape, dtype):
@@ -167,7 +153,7 @@ def test_kernel_matches_reference(shape, dtype):
     check_kernel(shape, dtype, seed=7)
 
 
-@needs_kernel
+@pytest.mark.kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_kernel_many_splits(dtype):
     """Small splits: long heads span many splits, short heads leave most splits empty (lse = -inf)."""
@@ -179,7 +165,7 @@ def test_kernel_many_splits(dtype):
     check_kernel(shape, dtype, seed=4, programs_per_sm=64, min_tokens_per_split=64, block_n=32)
 
 
-@needs_kernel
+@pytest.mark.kernel
 @pytest.mark.parametrize("q_len", [1, 40])
 def test_kernel_long_tail_split(q_len):
     """A tail longer than a split: it is cut across programs, some of which a row's causal limit hides entirely."""
@@ -188,7 +174,7 @@ def test_kernel_long_tail_split(q_len):
     check_kernel(shape, torch.float16, seed=6)
 
 
-@needs_kernel
+@pytest.mark.kernel
 def test_kernel_random_shapes():
     g = torch.Generator().manual_seed(2)
     n_cases = 24 if KERNEL_DEVICE == "cuda" else 4

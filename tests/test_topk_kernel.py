@@ -4,20 +4,15 @@ Runs on CUDA, or on CPU through Triton's interpreter when Triton is
 installed and ``TRITON_INTERPRET=1`` is set.
 """
 
-import os
-
 import pytest
 import torch
 
 from curdkv.kernels import topk
 from curdkv.selection import adaptive_by_kernels, select_adaptive, select_uniform
+from conftest import KERNEL_DEVICE as DEVICE
 from test_adaptive import slow_adaptive
 
-DEVICE = "cuda" if torch.cuda.is_available() else (
-    "cpu" if os.environ.get("TRITON_INTERPRET") == "1" and topk.triton is not None else None)
-
-pytestmark = pytest.mark.skipif(
-    DEVICE is None, reason="the Triton kernels run on CUDA (or on CPU with Triton installed and TRITON_INTERPRET=1)")
+pytestmark = pytest.mark.kernel
 
 
 def reference(scores: torch.Tensor, k: int, sinks: int = 0, recent: int = 0) -> torch.Tensor:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels.common import on_kernel_device
+
 
 @dataclass
 class RaggedKV:
@@ -115,7 +117,7 @@ def ragged_attention_reference(query: torch.Tensor, kv: RaggedKV, scaling: float
 
 def ragged_attention(query: torch.Tensor, kv: RaggedKV, scaling: float | None = None) -> torch.Tensor:
     """Attention over a ragged layer: the Triton kernel on CUDA when available, else the reference."""
-    if query.is_cuda:
+    if on_kernel_device(query):
         from .kernels.ragged_attention import ragged_attention_triton, triton_available
 
         if triton_available():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import pow2_between, tl, triton
+from .common import on_kernel_device, pow2_between, tl, triton
 
 # Rows per program: 64 rows of D = 128 bf16 is 16 KB of K and of V in flight.
 BLOCK_ROWS = 64
@@ -29,7 +29,7 @@ def gather_supported(keys: torch.Tensor, values: torch.Tensor) -> bool:
 
 def gather_available(keys: torch.Tensor, values: torch.Tensor) -> bool:
     """Whether the kernel is the fast route here: CUDA tensors it supports."""
-    return keys.is_cuda and gather_supported(keys, values)
+    return on_kernel_device(keys) and gather_supported(keys, values)
 
 
 def gather_kv(keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

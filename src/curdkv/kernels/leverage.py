@@ -32,7 +32,7 @@ import functools
 
 import torch
 
-from .common import HALF_DTYPES, next_pow2, pow2_between, tl, triton
+from .common import HALF_DTYPES, next_pow2, on_kernel_device, pow2_between, tl, triton
 
 # Rows of X per tile. 64 keeps the D x D accumulator plus two tiles in
 # registers at D = 128 with 8 warps.
@@ -47,7 +47,7 @@ def fast_path_available(x: torch.Tensor) -> bool:
     """Whether ``x [B, H, N, D]`` can take the Triton kernels here."""
     d = x.shape[-1]
     return (
-        triton is not None and x.is_cuda and x.dtype in HALF_DTYPES and pow2_between(d, 16, 256)
+        triton is not None and on_kernel_device(x) and x.dtype in HALF_DTYPES and pow2_between(d, 16, 256)
     )
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import next_pow2, tl, triton
+from .common import next_pow2, on_kernel_device, tl, triton
 
 # Scores per block of a pass.
 BLOCK = 1024
@@ -43,7 +43,7 @@ def topk_supported(scores: torch.Tensor) -> bool:
 
 def topk_available(scores: torch.Tensor) -> bool:
     """Whether the kernels are the fast route here: supported scores on CUDA."""
-    return scores.is_cuda and topk_supported(scores)
+    return on_kernel_device(scores) and topk_supported(scores)
 
 
 def topk_in_order(scores: torch.Tensor, k: int, sinks: int = 0, recent: int = 0) -> torch.Tensor:

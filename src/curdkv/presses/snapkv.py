@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..kernels.common import on_kernel_device
 from ..kernels.window_attention import window_attention_mean as fused_window_mean, window_mean_supported
 from .base import ScoringView, WindowPress, check_odd_kernel
 
@@ -59,7 +60,7 @@ def window_attention_mean(view: ScoringView, window: int) -> torch.Tensor:
     without the ``[B, H, W, N]`` matrix.
     """
     q, n = last_queries(view, window), view.keys.shape[2]
-    if q.is_cuda and window_mean_supported(q, view.keys):
+    if on_kernel_device(q) and window_mean_supported(q, view.keys):
         return fused_window_mean(q, view.keys, view.scaling, n - window)
     return window_attention(view, window)[..., : n - window].mean(2)
 
