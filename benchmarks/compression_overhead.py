@@ -25,7 +25,7 @@ import types
 import torch
 
 import curdkv
-from curdkv.bench.timing import copy_bandwidth, device_seconds, median_seconds, overlapped_seconds
+from curdkv.bench.timing import copy_bandwidth, device_seconds, gpu_time, median_seconds, overlapped_seconds
 from curdkv.environment import environment
 from curdkv.kernels import leverage
 from curdkv.presses.base import ScoringView
@@ -81,10 +81,12 @@ def main(argv=None) -> None:
     parser.add_argument("--beside-methods", default="curdkv,curdkv-sketch,adacurdkv,snapkv")
     parser.add_argument("--beside-queries", type=int, default=8192)
     parser.add_argument("--beside-rounds", type=int, default=15)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if device.type != "cuda":
+        parser.error(f"--device must be a CUDA device (its stages call the Triton kernels directly), got {args.device}")
     b, h_kv, h, d, n = 1, 8, 32, 128, args.tokens
     keys, values = states(b, h_kv, n, d, torch.bfloat16, device), states(b, h_kv, n, d, torch.bfloat16, device, 1)
     queries = states(b, h, 64, d, torch.bfloat16, device, 2)
@@ -95,7 +97,9 @@ def main(argv=None) -> None:
 
     def ms(fn):
         wall = median_seconds(fn, device, args.repeats, warmup=2)
-        return dict(device=device_seconds(fn, device, args.repeats, host_seconds=wall) * 1000, wall=wall * 1000)
+        gpu = gpu_time(fn, device, args.repeats, host_seconds=wall)
+        # host_behind > 0: some repeats include the host's launches or waits (see gpu_time).
+        return dict(device=gpu.seconds * 1000, wall=wall * 1000, host_behind=gpu.host_behind)
 
     stages = {}
     grams = torch.stack([leverage.gram(keys), leverage.gram(values)])
@@ -135,7 +139,7 @@ def main(argv=None) -> None:
             q = queries[:, :, -p.query_window:] if p.query_window else None
             t = ms(lambda: compress_layer(p, keys, values, q, module, 0))
             rows.append(dict(method=method, compression_ratio=ratio, overhead_ms=t["device"], overhead_wall_ms=t["wall"],
-                             vs_bandwidth_limit=t["device"] / limit_ms))
+                             vs_bandwidth_limit=t["device"] / limit_ms, host_behind_repeats=t["host_behind"]))
             print(f"{method:14s} {ratio:.0%}: {t['device']:7.3f} ms on the GPU ({t['device'] / limit_ms:5.2f}x the limit), "
                   f"{t['wall']:7.3f} ms timed alone", flush=True)
     beside = []

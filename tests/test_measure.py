@@ -469,19 +469,21 @@ def test_bench_runs_one_untimed_prefill_per_method_before_the_timed_ones(tmp_pat
 
 def test_bench_overhead_sums_each_layer_timed_alone_and_refuses_other_timings(tmp_path, monkeypatch):
     import curdkv.bench.speed as speed
+    from curdkv.bench.timing import GpuTime
 
     timed = []
 
-    def fake_device_seconds(fn, device, repeats, warmup=1, host_seconds=None):
+    def fake_gpu_time(fn, device, repeats, warmup=1, host_seconds=None):
         before = len(scored)
         fn()
         timed.append(sorted(set(scored[before:])))
-        return 0.002
+        # The host falls behind in LAVa's whole build (the third timing), never in a CurDKV layer.
+        return GpuTime(0.002, 4, 3 if len(timed) == 3 else 0)
 
     scored = []
     original = curdkv.CurDKVPress.score
     monkeypatch.setattr(curdkv.CurDKVPress, "score", lambda self, view: scored.append(view.layer_idx) or original(self, view))
-    monkeypatch.setattr(speed, "device_seconds", fake_device_seconds)
+    monkeypatch.setattr(speed, "gpu_time", fake_gpu_time)
     settings = BenchSettings(model="random:tiny-llama", lengths=(256,), ratios=(0.0, 0.5), methods=("curdkv", "lava"),
                              decode_tokens=1, repeats=1, decode_repeats=1, device="cpu", dtype="float32")
     result = run_bench(settings, tmp_path, progress=False)
@@ -490,8 +492,12 @@ def test_bench_overhead_sums_each_layer_timed_alone_and_refuses_other_timings(tm
     assert timed[:2] == [[0], [1]]
     assert rows["curdkv"]["overhead_ms_total"] == pytest.approx(4.0)
     assert rows["lava"]["overhead_ms_total"] == pytest.approx(2.0)
+    assert rows["curdkv"]["overhead_host_behind_fraction"] == 0 and rows["lava"]["overhead_host_behind_fraction"] == 0.75
     assert result["overhead_timing"] == speed.OVERHEAD_TIMING
-    assert f"median of 1, {speed.OVERHEAD_TIMING}." in (tmp_path / "bench.md").read_text()
+    table = (tmp_path / "bench.md").read_text()
+    assert f"median of 1, {speed.OVERHEAD_TIMING}." in table
+    assert "The host fell behind the GPU in part of the overhead timings" in table and "lava 50% (75%)" in table
+    assert "curdkv 50% (" not in table
     # A bench.json timed the earlier way (one sleep before a whole build) is not resumed into.
     saved = json.loads((tmp_path / "bench.json").read_text())
     del saved["overhead_timing"]
@@ -544,6 +550,37 @@ def test_bench_goals_judge_both_curdkv_estimators_at_the_longest_context():
     assert goals["curdkv_sketch_overhead_vs_bandwidth"] == {"worst": 2.5, "max": 2.0, "met": False}
     assert goals["snapkv_overhead_percent"]["met"]
     assert not any(name.startswith("adacurdkv") for name in goals)
+
+
+def test_gpu_timing_doubles_the_sleep_while_the_host_is_behind():
+    from curdkv.bench.timing import SLEEP_DOUBLINGS, _ahead_of_host
+
+    sleeps = []
+
+    def run(cycles, behind_until):
+        sleeps.append(cycles)
+        return cycles / 1000, cycles < behind_until
+
+    assert _ahead_of_host(lambda c: run(c, 400), 100) == (0.4, False, 400)
+    assert sleeps == [100, 200, 400]
+    sleeps.clear()
+    # Never ahead (a synchronisation inside the timed function): given up after SLEEP_DOUBLINGS doublings.
+    seconds, behind, cycles = _ahead_of_host(lambda c: run(c, float("inf")), 100)
+    assert behind and cycles == 100 * 2**SLEEP_DOUBLINGS and len(sleeps) == SLEEP_DOUBLINGS + 1
+    assert _ahead_of_host(lambda c: run(c, 0), 100) == (0.1, False, 100)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU time needs CUDA")
+def test_gpu_time_sees_when_the_host_is_behind():
+    from curdkv.bench.timing import gpu_time
+
+    x = torch.randn(1024, 1024, device="cuda")
+    launches = lambda: [x.add_(1e-3) for _ in range(50)]
+    ahead = gpu_time(launches, torch.device("cuda"), 5)
+    assert ahead.host_behind == 0 and ahead.repeats == 5 and ahead.seconds > 0
+    # A wait on the GPU inside the timed function keeps the host behind whatever the sleep.
+    waits = gpu_time(lambda: (launches(), torch.cuda.synchronize()), torch.device("cuda"), 2)
+    assert waits.host_behind == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU time needs CUDA")

@@ -51,6 +51,11 @@ def bench_table(result: dict) -> str:
         )
     for length, rows in sorted(by_length.items()):
         lines += ["", f"### {length} tokens", "", markdown_table(rows, COLUMNS)]
+        behind = [f"{r['method']} {r['ratio']} ({r['overhead_host_behind_fraction']:.0%})" for r in rows
+                  if r.get("overhead_host_behind_fraction")]
+        if behind:
+            lines += ["", "The host fell behind the GPU in part of the overhead timings (their time includes "
+                          "host launches or waits): " + ", ".join(behind) + "."]
     goals = result.get("goals") or {}
     if goals:
         lines += ["", f"### Goals at {goals['context_tokens']} tokens", ""]

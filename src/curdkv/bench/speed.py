@@ -15,10 +15,12 @@ Derived columns, with the conventions they rest on:
   full-cache prefill time (the paper's Appendix C.4 runtime comparison).
   The compression time is its GPU time with the host running ahead, as
   inside a prefill: each layer timed behind its own GPU sleep
-  (:func:`curdkv.bench.timing.device_seconds`; host synchronisations still
-  count) and summed over layers; ``overhead_wall_ms_total`` is a whole
-  build timed alone, which on a fast GPU measures the host's kernel
-  launches;
+  (:func:`curdkv.bench.timing.gpu_time`; host synchronisations still
+  count) and summed over layers; ``overhead_host_behind_fraction``: the
+  share of those timings in which the host had not queued all of a layer
+  even after its sleep was doubled 3 times (0: each one is pure GPU time);
+  ``overhead_wall_ms_total`` is a whole build timed alone, which on a fast
+  GPU measures the host's kernel launches;
 - ``overlapped_overhead_ms_per_layer``: what one layer's compression adds
   when it runs as :func:`curdkv.compress` runs it on CUDA, on a second
   stream beside the prefill (:mod:`curdkv.overlap`): measured on the middle
@@ -67,7 +69,7 @@ from ..models import load_model
 from ..presses import get_press, parse_press_spec
 from ..runtime import attention_modules, capture_prefill, compress, compress_layer
 from .timing import (
-    copy_bandwidth, decode_gpu_seconds_per_token, decode_seconds_per_token, device_seconds, median_seconds,
+    copy_bandwidth, decode_gpu_seconds_per_token, decode_seconds_per_token, gpu_time, median_seconds,
     overlapped_seconds, timer,
 )
 
@@ -82,7 +84,7 @@ GOALS = {
 SCORING_READS = {"curdkv": 2.0, "adacurdkv": 2.0, "curdkv-sketch": 1.0, "snapkv": 0.5, "adasnapkv": 0.5,
                  "knorm": 0.5}
 # How the compression time alone is measured (see _alone_seconds); a bench.json timed another way is not resumed.
-OVERHEAD_TIMING = "gpu time of each layer behind its own sleep, summed"
+OVERHEAD_TIMING = "gpu time of each layer behind its own sleep, checked to be queued ahead of the gpu, summed"
 # Decode steps whose kernels are summed for the GPU time (the profiler's records grow with every step).
 GPU_DECODE_STEPS = 20
 # Context of the near-empty cache that measures the fixed part of a decode step.
@@ -253,7 +255,7 @@ def measure_length(
             built[:] = [capture.build_cache(press)]
 
         wall = 0.0 if press is None else median_seconds(build, device, settings.repeats)
-        overhead = 0.0 if press is None else _alone_seconds(press, capture, build, wall, settings, device)
+        overhead, behind = (0.0, 0.0) if press is None else _alone_seconds(press, capture, build, wall, settings, device)
         overlapped = 0.0 if press is None else _overlapped_layer_seconds(press, capture, settings, device)
         if not built:
             build()
@@ -263,7 +265,7 @@ def measure_length(
         row.update(
             kv_bytes=cache.nbytes(), decode_ms_per_token=wall_ms, decode_gpu_ms_per_token=gpu_ms,
             layers=layers, overhead_ms_total=overhead * 1000, overhead_ms_per_layer=overhead * 1000 / layers,
-            overhead_wall_ms_total=wall * 1000,
+            overhead_wall_ms_total=wall * 1000, overhead_host_behind_fraction=behind,
             overlapped_overhead_ms_per_layer=None if overlapped is None else overlapped * 1000,
             bandwidth_limit_ms_per_layer=None if limit is None else limit * 1000,
         )
@@ -281,8 +283,12 @@ def _layer_by_layer(press) -> bool:
     return not (press.needs_full_prefill or press.lookahead_tokens)
 
 
-def _alone_seconds(press, capture, build, wall: float, settings: BenchSettings, device) -> float:
+def _alone_seconds(press, capture, build, wall: float, settings: BenchSettings, device) -> tuple[float, float]:
     """GPU time of compressing every layer with the host ahead of the GPU, each layer behind its own sleep.
+
+    Also returns the fraction of timed repeats in which the host was still
+    behind (:attr:`curdkv.bench.timing.GpuTime.host_behind`): 0 when every
+    layer's launches were all queued before the GPU reached them.
 
     One sleep before a whole build does not keep the host ahead: the GPU's
     queue of pending launches is bounded, and a build of 32 layers at 60-120
@@ -295,15 +301,16 @@ def _alone_seconds(press, capture, build, wall: float, settings: BenchSettings, 
     need every layer's scores first are timed as a whole build.
     """
     if not _layer_by_layer(press):
-        return device_seconds(build, device, settings.repeats, host_seconds=wall)
-    queries = capture.window_queries(press)
-    total = 0.0
-    for i in range(capture.num_layers):
-        inputs = capture.keys[i], capture.values[i], queries[i], capture.modules[i], i
-        # problems: the GPU route's checks stay on the device, as in a prefill (nothing to raise here).
-        total += device_seconds(lambda: compress_layer(press, *inputs, problems=[] if device.type == "cuda" else None),
-                                device, settings.repeats)
-    return total
+        times = [gpu_time(build, device, settings.repeats, host_seconds=wall)]
+    else:
+        queries = capture.window_queries(press)
+        times = []
+        for i in range(capture.num_layers):
+            inputs = capture.keys[i], capture.values[i], queries[i], capture.modules[i], i
+            # problems: the GPU route's checks stay on the device, as in a prefill (nothing to raise here).
+            times.append(gpu_time(lambda: compress_layer(press, *inputs, problems=[] if device.type == "cuda" else None),
+                                  device, settings.repeats))
+    return sum(t.seconds for t in times), sum(t.host_behind for t in times) / sum(t.repeats for t in times)
 
 
 def _overlapped_layer_seconds(press, capture, settings: BenchSettings, device) -> float | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -42,7 +43,23 @@ def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> f
     return statistics.median(times)
 
 
-def device_seconds(fn, device: torch.device, repeats: int, warmup: int = 1, host_seconds: float | None = None) -> float:
+# Times the GPU sleep is doubled when the host falls behind, before the repeat is taken as it is.
+SLEEP_DOUBLINGS = 3
+
+
+@dataclass
+class GpuTime:
+    """:func:`gpu_time`'s result: the median GPU seconds and how far they can be trusted."""
+
+    seconds: float
+    repeats: int
+    # Repeats in which the GPU reached ``fn`` before the host had queued all of it, even after
+    # SLEEP_DOUBLINGS doublings of the sleep: their time includes the host's launches or a wait
+    # on the host (a synchronisation inside ``fn``, or more launches than the GPU's queue holds).
+    host_behind: int
+
+
+def gpu_time(fn, device: torch.device, repeats: int, warmup: int = 1, host_seconds: float | None = None) -> GpuTime:
     """Median GPU time of ``fn()`` while the host runs ahead of the GPU, as it does inside a prefill.
 
     Timed alone, a function that launches many small kernels measures the
@@ -51,26 +68,56 @@ def device_seconds(fn, device: torch.device, repeats: int, warmup: int = 1, host
     for hundreds of milliseconds), so what compression adds there is its GPU
     time plus any wait it forces on the host. Here a GPU sleep longer than
     ``fn``'s host time is queued first, so ``fn``'s launches are all queued
-    before the GPU reaches them; a host synchronisation inside ``fn`` still
+    before the GPU reaches them. Whether they were is checked, not assumed:
+    if the sleep had already ended when the host finished queueing, the
+    repeat runs again behind a sleep twice as long (see
+    :attr:`GpuTime.host_behind`). A host synchronisation inside ``fn`` still
     shows up, as the idle time it causes. ``host_seconds``: ``fn`` timed alone
     (:func:`median_seconds`) if the caller has it already, else measured here,
-    to size the sleep. On CPU this is :func:`median_seconds`.
+    to size the first sleep. On CPU this is :func:`median_seconds`.
     """
     if device.type != "cuda":
-        return median_seconds(fn, device, repeats, warmup)
+        return GpuTime(median_seconds(fn, device, repeats, warmup), repeats, 0)
     if host_seconds is None:
         host_seconds = median_seconds(fn, device, max(1, min(repeats, 3)), warmup)
     cycles = int(2 * host_seconds * _sleep_cycles_per_second(device.index)) + 1
-    times = []
+    times, behind = [], 0
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(cycles)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
+        seconds, late, cycles = _ahead_of_host(lambda c: _behind_sleep(fn, c), cycles)
+        times.append(seconds)
+        behind += late
+    return GpuTime(statistics.median(times), repeats, behind)
+
+
+def device_seconds(fn, device: torch.device, repeats: int, warmup: int = 1, host_seconds: float | None = None) -> float:
+    """:func:`gpu_time`'s median seconds alone."""
+    return gpu_time(fn, device, repeats, warmup, host_seconds).seconds
+
+
+def _behind_sleep(fn, cycles: int) -> tuple[float, bool]:
+    """GPU seconds of ``fn()`` queued behind a sleep of ``cycles``; and whether the GPU reached it too early."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(cycles)
+    start.record()
+    fn()
+    end.record()
+    # Still sleeping now means every launch of fn was queued before the GPU began it.
+    early = start.query()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000, early
+
+
+def _ahead_of_host(run, cycles: int) -> tuple[float, bool, int]:
+    """``run(cycles) -> (seconds, behind)``, again behind a doubled sleep while the host falls behind.
+
+    Returns the last run's seconds, whether the host was still behind, and
+    the sleep to start the next repeat with.
+    """
+    for doubling in range(SLEEP_DOUBLINGS + 1):
+        seconds, behind = run(cycles)
+        if not behind or doubling == SLEEP_DOUBLINGS:
+            return seconds, behind, cycles
+        cycles *= 2
 
 
 def overlapped_seconds(work, beside, device: torch.device, rounds: int) -> float:
