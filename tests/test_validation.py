@@ -220,3 +220,12 @@ def test_nan_scores_name_the_press_layer_and_heads():
         for layout in ("dense", "ragged", "masked"):
             with pytest.raises(ValueError, match=r"NaNHead.*returned 1 NaN scores at layer 3, KV heads \[1\].*keys finite"):
                 compress_layer(NaNHead(compression_ratio=0.5), keys, values, None, None, 3, layout)
+
+
+def test_interpreted_on_cpu_needs_the_interpreter(monkeypatch):
+    from curdkv.kernels.common import interpreted_on_cpu, on_kernel_device
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"), interpreted_on_cpu():
+        pass
+    assert not on_kernel_device(torch.zeros(1))

@@ -22,6 +22,7 @@ from transformers import DynamicCache
 from .attention import QueryRecorder, recording_queries, using_curdkv_attention
 from .overlap import SideStream, empty_head_message, first_problem, layer_problems
 from .cache import CompressedCache, CompressedLayer
+from .kernels.common import on_kernel_device
 from .presses.base import ALL_QUERIES, Press, ScoringView, check_choice
 from .ragged_layer import MaskedLayer, RaggedLayer
 from .selection import NaNScores, gather_kv_tokens, select_adaptive, select_uniform
@@ -105,7 +106,7 @@ def fast_ragged(keys: torch.Tensor) -> bool:
     step, and attention reads the kept tokens once. On CPU the dense layout
     with PyTorch's sdpa is faster than the ragged reference.
     """
-    if not keys.is_cuda:
+    if not on_kernel_device(keys):
         return False
     from .kernels.ragged_attention import triton_available
 
@@ -154,7 +155,7 @@ def compress_layer(
     # On the GPU the checks wait until the layer's selection and copies are
     # queued: reading a flag earlier would drain the queue mid-layer and leave
     # the GPU idle while the host launches the rest.
-    deferred = keys.is_cuda
+    deferred = on_kernel_device(keys)
     chosen = select_tokens(press, keys, values, queries, module, layer_idx, scores=scores, n_keep=n_keep,
                            check_nan=not deferred)
     layer, empty_heads = _layer_from_choice(chosen, keys, values, layout, adaptive, n_keep)
@@ -437,7 +438,7 @@ class PrefillCapture:
         inputs = list(zip(self.keys, self.values, queries, self.modules, scores, keeps))
         # On the GPU every layer's checks are read back once, at the end: a read back per layer
         # would stop the host from queueing the next layer while the GPU works on this one.
-        problems = [] if self.keys and self.keys[0].is_cuda else None
+        problems = [] if self.keys and on_kernel_device(self.keys[0]) else None
         layers = [compress_layer(press, k, v, q, m, i, layout, scores=s, n_keep=n_keep, problems=problems)
                   for i, (k, v, q, m, s, n_keep) in enumerate(inputs)]
         found = first_problem(problems or [])

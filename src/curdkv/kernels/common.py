@@ -29,8 +29,9 @@ def on_kernel_device(t: torch.Tensor) -> bool:
 def interpreted_on_cpu():
     """Route CPU tensors through the Triton kernels, run by Triton's interpreter.
 
-    For tests: the CUDA routes (kernel choice, checks, the kernels' results
-    inside a press or a decode step) run on a machine without a GPU. Slow,
+    For tests: the CUDA routes (kernel choice, the ragged layout, checks
+    read back once, the kernels inside a press or a decode step) run on a
+    machine without a GPU; only the side stream stays CUDA's. Slow,
     and bfloat16 converts wrongly there; use float16 and small shapes. Needs
     Triton and ``TRITON_INTERPRET=1`` set before Triton is imported.
     """
