@@ -18,7 +18,8 @@ Derived columns, with the conventions they rest on:
   (:func:`curdkv.bench.timing.gpu_time`; host synchronisations still
   count) and summed over layers; ``overhead_host_behind_fraction``: the
   share of those timings in which the host had not queued all of a layer
-  even after its sleep was doubled 3 times (0: each one is pure GPU time);
+  even after its sleep was doubled 3 times (0: each one is pure GPU time;
+  None for presses timed as a whole build, which is not checked);
   ``overhead_wall_ms_total`` is a whole build timed alone, which on a fast
   GPU measures the host's kernel launches;
 - ``overlapped_overhead_ms_per_layer``: what one layer's compression adds
@@ -283,12 +284,13 @@ def _layer_by_layer(press) -> bool:
     return not (press.needs_full_prefill or press.lookahead_tokens)
 
 
-def _alone_seconds(press, capture, build, wall: float, settings: BenchSettings, device) -> tuple[float, float]:
+def _alone_seconds(press, capture, build, wall: float, settings: BenchSettings, device) -> tuple[float, float | None]:
     """GPU time of compressing every layer with the host ahead of the GPU, each layer behind its own sleep.
 
     Also returns the fraction of timed repeats in which the host was still
     behind (:attr:`curdkv.bench.timing.GpuTime.host_behind`): 0 when every
-    layer's launches were all queued before the GPU reached them.
+    layer's launches were all queued before the GPU reached them; None for
+    a whole build, which ends by reading its checks back (not checked).
 
     One sleep before a whole build does not keep the host ahead: the GPU's
     queue of pending launches is bounded, and a build of 32 layers at 60-120
@@ -301,7 +303,8 @@ def _alone_seconds(press, capture, build, wall: float, settings: BenchSettings, 
     need every layer's scores first are timed as a whole build.
     """
     if not _layer_by_layer(press):
-        times = [gpu_time(build, device, settings.repeats, host_seconds=wall)]
+        # A whole build reads its checks back at the end: unchecked (fraction None).
+        times = [gpu_time(build, device, settings.repeats, host_seconds=wall, check=False)]
     else:
         queries = capture.window_queries(press)
         times = []
@@ -310,7 +313,9 @@ def _alone_seconds(press, capture, build, wall: float, settings: BenchSettings, 
             # problems: the GPU route's checks stay on the device, as in a prefill (nothing to raise here).
             times.append(gpu_time(lambda: compress_layer(press, *inputs, problems=[] if device.type == "cuda" else None),
                                   device, settings.repeats))
-    return sum(t.seconds for t in times), sum(t.host_behind for t in times) / sum(t.repeats for t in times)
+    behind = None if any(t.host_behind is None for t in times) else \
+        sum(t.host_behind for t in times) / sum(t.repeats for t in times)
+    return sum(t.seconds for t in times), behind
 
 
 def _overlapped_layer_seconds(press, capture, settings: BenchSettings, device) -> float | None:

@@ -56,10 +56,12 @@ class GpuTime:
     # Repeats in which the GPU reached ``fn`` before the host had queued all of it, even after
     # SLEEP_DOUBLINGS doublings of the sleep: their time includes the host's launches or a wait
     # on the host (a synchronisation inside ``fn``, or more launches than the GPU's queue holds).
-    host_behind: int
+    # None: not checked (``fn`` ends by reading back from the GPU, which leaves nothing to check).
+    host_behind: int | None
 
 
-def gpu_time(fn, device: torch.device, repeats: int, warmup: int = 1, host_seconds: float | None = None) -> GpuTime:
+def gpu_time(fn, device: torch.device, repeats: int, warmup: int = 1, host_seconds: float | None = None,
+             check: bool = True) -> GpuTime:
     """Median GPU time of ``fn()`` while the host runs ahead of the GPU, as it does inside a prefill.
 
     Timed alone, a function that launches many small kernels measures the
@@ -74,7 +76,9 @@ def gpu_time(fn, device: torch.device, repeats: int, warmup: int = 1, host_secon
     :attr:`GpuTime.host_behind`). A host synchronisation inside ``fn`` still
     shows up, as the idle time it causes. ``host_seconds``: ``fn`` timed alone
     (:func:`median_seconds`) if the caller has it already, else measured here,
-    to size the first sleep. On CPU this is :func:`median_seconds`.
+    to size the first sleep. ``check=False`` for an ``fn`` that ends by
+    reading back from the GPU (the sleep has always ended by then): one
+    sleep, no retry, ``host_behind`` None. On CPU this is :func:`median_seconds`.
     """
     if device.type != "cuda":
         return GpuTime(median_seconds(fn, device, repeats, warmup), repeats, 0)
@@ -83,15 +87,19 @@ def gpu_time(fn, device: torch.device, repeats: int, warmup: int = 1, host_secon
     cycles = int(2 * host_seconds * _sleep_cycles_per_second(device.index)) + 1
     times, behind = [], 0
     for _ in range(repeats):
-        seconds, late, cycles = _ahead_of_host(lambda c: _behind_sleep(fn, c), cycles)
+        if check:
+            seconds, late, cycles = _ahead_of_host(lambda c: _behind_sleep(fn, c), cycles)
+            behind += late
+        else:
+            seconds = _behind_sleep(fn, cycles)[0]
         times.append(seconds)
-        behind += late
-    return GpuTime(statistics.median(times), repeats, behind)
+    return GpuTime(statistics.median(times), repeats, behind if check else None)
 
 
-def device_seconds(fn, device: torch.device, repeats: int, warmup: int = 1, host_seconds: float | None = None) -> float:
+def device_seconds(fn, device: torch.device, repeats: int, warmup: int = 1, host_seconds: float | None = None,
+                   check: bool = True) -> float:
     """:func:`gpu_time`'s median seconds alone."""
-    return gpu_time(fn, device, repeats, warmup, host_seconds).seconds
+    return gpu_time(fn, device, repeats, warmup, host_seconds, check).seconds
 
 
 def _behind_sleep(fn, cycles: int) -> tuple[float, bool]:
@@ -145,7 +153,8 @@ def overlapped_seconds(work, beside, device: torch.device, rounds: int) -> float
     added = []
     for _ in range(rounds):
         alone = device_seconds(beside, device, 1, warmup=0, host_seconds=host)
-        added.append(device_seconds(both, device, 1, warmup=0, host_seconds=host) - alone)
+        # both() ends by reading the side stream's checks back: nothing left to check, no retries.
+        added.append(device_seconds(both, device, 1, warmup=0, host_seconds=host, check=False) - alone)
     return statistics.median(added)
 
 
