@@ -33,6 +33,18 @@ from curdkv.runtime import compress_layer
 from curdkv.selection import gather_kv_tokens, gather_tokens, in_context_order, kept_count, protect, select_uniform
 
 
+# One Llama-3.1-8B layer at batch 1: batch, KV heads, query heads, head size.
+LAYER_SHAPE = (1, 8, 32, 128)
+
+
+def llama_layer(n: int, device: torch.device):
+    """Keys, values (bf16), the last 64 queries and a module stand-in of one Llama-3.1-8B layer over ``n`` tokens."""
+    b, h_kv, h, d = LAYER_SHAPE
+    keys, values = states(b, h_kv, n, d, torch.bfloat16, device), states(b, h_kv, n, d, torch.bfloat16, device, 1)
+    queries = states(b, h, 64, d, torch.bfloat16, device, 2)
+    return keys, values, queries, types.SimpleNamespace(scaling=d**-0.5, layer_idx=0)
+
+
 def states(b, h_kv, n, d, dtype, device, seed=0):
     gen = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(b, h_kv, n, 16, generator=gen, device=device) @ torch.randn(16, d, generator=gen, device=device)
@@ -87,10 +99,8 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     if device.type != "cuda":
         parser.error(f"--device must be a CUDA device (its stages call the Triton kernels directly), got {args.device}")
-    b, h_kv, h, d, n = 1, 8, 32, 128, args.tokens
-    keys, values = states(b, h_kv, n, d, torch.bfloat16, device), states(b, h_kv, n, d, torch.bfloat16, device, 1)
-    queries = states(b, h, 64, d, torch.bfloat16, device, 2)
-    module = types.SimpleNamespace(scaling=d**-0.5, layer_idx=0)
+    b, h_kv, h, d, n = *LAYER_SHAPE, args.tokens
+    keys, values, queries, module = llama_layer(n, device)
     layer_bytes = 2 * keys.numel() * keys.element_size()
     bandwidth = copy_bandwidth(layer_bytes, device)
     limit_ms = layer_bytes / bandwidth * 1000

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import types
 
 import torch
 
@@ -24,7 +23,7 @@ import curdkv
 from curdkv.bench.timing import _sleep_cycles_per_second, device_seconds, median_seconds
 from curdkv.environment import environment
 from curdkv.runtime import compress_layer
-from compression_overhead import states
+from compression_overhead import llama_layer
 
 
 def timeline(fn, device: torch.device) -> list[dict]:
@@ -56,10 +55,7 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("layer_timeline.py needs CUDA: it reads the GPU's kernel records")
     device = torch.device("cuda")
-    b, h_kv, h, d, n = 1, 8, 32, 128, args.tokens
-    keys, values = states(b, h_kv, n, d, torch.bfloat16, device), states(b, h_kv, n, d, torch.bfloat16, device, 1)
-    queries = states(b, h, 64, d, torch.bfloat16, device, 2)
-    module = types.SimpleNamespace(scaling=d**-0.5, layer_idx=0)
+    keys, values, queries, module = llama_layer(args.tokens, device)
     rows = []
     for spec in args.configs.split(","):
         method, ratio = spec.split(":")

@@ -310,9 +310,8 @@ def _alone_seconds(press, capture, build, wall: float, settings: BenchSettings, 
         times = []
         for i in range(capture.num_layers):
             inputs = capture.keys[i], capture.values[i], queries[i], capture.modules[i], i
-            # problems: the GPU route's checks stay on the device, as in a prefill (nothing to raise here).
-            times.append(gpu_time(lambda: compress_layer(press, *inputs, problems=[] if device.type == "cuda" else None),
-                                  device, settings.repeats))
+            # problems: the GPU route's checks stay on the device, as in a prefill (the CPU route ignores it).
+            times.append(gpu_time(lambda: compress_layer(press, *inputs, problems=[]), device, settings.repeats))
     behind = None if any(t.host_behind is None for t in times) else \
         sum(t.host_behind for t in times) / sum(t.repeats for t in times)
     return sum(t.seconds for t in times), behind

@@ -109,7 +109,7 @@ def _behind_sleep(fn, cycles: int) -> tuple[float, bool]:
     start.record()
     fn()
     end.record()
-    # Still sleeping now means every launch of fn was queued before the GPU began it.
+    # Start not reached yet: every launch of fn was queued while the GPU still slept.
     early = start.query()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / 1000, early
