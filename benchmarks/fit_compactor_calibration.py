@@ -26,6 +26,7 @@ import curdkv
 from curdkv.attention import using_curdkv_attention
 from curdkv.context import encode_context, encode_question
 from curdkv.environment import environment
+from curdkv.transformers_compat import forward_with_cache
 from curdkv.eval.sample import read_samples
 from curdkv.presses import CompactorPress
 from curdkv.presses.calibration import context_nll_from_hidden, fit_calibration
@@ -40,7 +41,7 @@ def answer_nll(model, cache, context_length: int, follow: torch.Tensor, answer_l
     try:
         positions = torch.arange(context_length, context_length + follow.shape[1], device=follow.device)[None]
         with using_curdkv_attention(model):
-            logits = model(input_ids=follow, past_key_values=cache, position_ids=positions, use_cache=True).logits
+            logits = forward_with_cache(model, cache, input_ids=follow, position_ids=positions, use_cache=True).logits
     finally:
         cache.restore(snapshot)
     predicted = logits[:, -answer_len - 1 : -1].float()

@@ -24,6 +24,7 @@ import curdkv
 from curdkv.environment import environment
 from curdkv.presses import get_press
 from curdkv.runtime import attention_modules
+from curdkv.transformers_compat import find_cache
 
 PROMPT = (
     "Write a long, detailed technical guide on how to design, build and maintain a small vegetable garden: "
@@ -51,7 +52,7 @@ def generate(model, ids, new_tokens: int, press=None, max_cache_tokens=None) -> 
     largest = [0]
 
     def watch(module, args, kwargs, output):
-        cache = kwargs.get("past_key_values")
+        cache = find_cache(kwargs, args)
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if cache is not None and hidden is not None and hidden.shape[1] == 1:  # decoding steps only
             largest[0] = max(largest[0], cache.layers[module.layer_idx].keys.shape[2])
@@ -76,7 +77,7 @@ def generate(model, ids, new_tokens: int, press=None, max_cache_tokens=None) -> 
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    cache = out.past_key_values
+    cache = find_cache(out)
     tokens = out.sequences[0, ids.shape[1] :].tolist()
     return {
         "tokens": tokens,

@@ -24,6 +24,7 @@ from transformers import DynamicCache
 import curdkv
 from curdkv.bench.timing import timer
 from curdkv.environment import environment
+from curdkv.transformers_compat import forward_with_cache
 
 
 @torch.no_grad()
@@ -34,10 +35,10 @@ def prefill(model, ids, press=None, overlap=True) -> tuple[float, int]:
     stop = timer(ids.device)
     cache = DynamicCache()
     if press is None:
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        forward_with_cache(model, cache, input_ids=ids, use_cache=True, logits_to_keep=1)
     else:
         with curdkv.compress(model, press, overlap=overlap):
-            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            forward_with_cache(model, cache, input_ids=ids, use_cache=True, logits_to_keep=1)
     seconds = stop()
     del cache
     return seconds, torch.cuda.max_memory_allocated()

@@ -13,6 +13,7 @@ from curdkv.runtime import compress_layer
 from curdkv.selection import select_adaptive, select_uniform
 
 from conftest import DTYPES, random_ids
+from curdkv.transformers_compat import forward_with_cache
 
 ADAPTIVE = ("adacurdkv", "adasnapkv", "adacurdkv-sketch")
 
@@ -195,7 +196,7 @@ def greedy(model, ids: torch.Tensor, cache, steps: int) -> list[list[int]]:
     with using_curdkv_attention(model):
         for step in range(steps - 1):
             pos = torch.full((ids.shape[0], 1), n + step, device=ids.device)
-            token = model(input_ids=token[:, None], past_key_values=cache, use_cache=True, position_ids=pos).logits[
+            token = forward_with_cache(model, cache, input_ids=token[:, None], use_cache=True, position_ids=pos).logits[
                 :, -1
             ].argmax(-1)
             tokens.append(token.tolist())
@@ -224,7 +225,7 @@ def test_sweep_path_keeps_same_tokens_as_layer_by_layer(model, press_name):
     swept = curdkv.capture_prefill(model, ids).build_cache(press)
     hooked = curdkv.CompressedCache()
     with curdkv.compress(model, press):
-        model(input_ids=ids, past_key_values=hooked, use_cache=True)
+        forward_with_cache(model, hooked, input_ids=ids, use_cache=True)
     for a, b in zip(swept.layers, hooked.layers):
         assert isinstance(b, RaggedLayer)
         assert torch.equal(a.lengths, b.lengths)
@@ -286,7 +287,7 @@ def test_layout_choice_reaches_generate(model):
     ids = random_ids(120, seed=8)
     cache = curdkv.CompressedCache()
     with curdkv.compress(model, AdaCurDKV(0.5), layout="masked"):
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        forward_with_cache(model, cache, input_ids=ids, use_cache=True)
     assert all(isinstance(layer, MaskedLayer) for layer in cache.layers)
     with pytest.raises(ValueError, match="layout"):
         with curdkv.compress(model, AdaCurDKV(0.5), layout="paged"):

@@ -38,6 +38,7 @@ from curdkv.presses.compactor import (
 )
 
 from conftest import TINY_ARCHS, random_ids, tiny_model
+from curdkv.transformers_compat import cache_keyword, forward_with_cache
 
 
 
@@ -122,7 +123,7 @@ def test_unrotated_cache_equals_the_projected_keys_of_a_prefill(arch):
     handle = attn.register_forward_pre_hook(keep_input, with_kwargs=True)
     try:
         cache = DynamicCache()
-        model(input_ids=random_ids(90, seed=4), past_key_values=cache, use_cache=True)
+        forward_with_cache(model, cache, input_ids=random_ids(90, seed=4), use_cache=True)
     finally:
         handle.remove()
     hidden = seen["hidden"]
@@ -424,7 +425,7 @@ def test_compress_keeps_the_right_number_of_tokens(arch, n, ratio):
     ids = random_ids(n, seed=16)
     cache = CompressedCache()
     with curdkv.compress(model, press):
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        forward_with_cache(model, cache, input_ids=ids, use_cache=True)
     kept = n - int(n * ratio)
     cfg = model.config
     for layer in cache.layers:
@@ -456,7 +457,7 @@ def test_compressed_generation_runs_and_protects_sinks_and_recent_tokens():
     torch.testing.assert_close(layer.keys[:, :, :8], full[:, :, :8], rtol=0, atol=0)
     torch.testing.assert_close(layer.keys[:, :, -4:], full[:, :, -4:], rtol=0, atol=0)
     with curdkv.compress(model, press):
-        out = model.generate(ids, max_new_tokens=4, do_sample=False, past_key_values=CompressedCache())
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, **{cache_keyword(model): CompressedCache()})
     assert out.shape == (1, 124)
 
 
@@ -568,7 +569,7 @@ def test_context_nll_from_the_one_prefill_hidden_states():
 
     handle = model.get_decoder().register_forward_hook(keep_output, with_kwargs=True)
     try:
-        model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        forward_with_cache(model, DynamicCache(), input_ids=ids, use_cache=True, logits_to_keep=1)
     finally:
         handle.remove()
     got = context_nll_from_hidden(model, seen["hidden"], ids)

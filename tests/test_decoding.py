@@ -11,6 +11,7 @@ import curdkv
 from curdkv.presses import KNormPress, SnapKVPress, StreamingLLMPress
 from curdkv.presses.adakv import AdaSnapKV
 from curdkv.presses.base import Press
+from curdkv.transformers_compat import find_cache, forward_with_cache
 
 N, NEW = 96, 40
 
@@ -33,7 +34,7 @@ def _ids(seed=0):
 @pytest.mark.parametrize("cap", [32, 60])
 def test_cache_stays_at_max_cache_tokens_through_generation(model, press, cap):
     out = _generate(model, _ids(), press, max_cache_tokens=cap)
-    cache = out.past_key_values
+    cache = find_cache(out)
     assert out.sequences.shape[1] == N + NEW
     for layer in cache.layers:
         assert layer.keys.shape[2] == cap and layer.values.shape[2] == cap
@@ -57,7 +58,7 @@ def test_streaming_keeps_sinks_and_the_most_recent_tokens(model):
         out = _generate(model, _ids(), press, max_cache_tokens=cap)
     finally:
         decoding.DecodeBudget.__init__ = original
-    logical = out.past_key_values.layers[0].get_seq_length()
+    logical = find_cache(out).layers[0].get_seq_length()
     expected = list(range(4)) + list(range(logical - (cap - 4), logical))
     for positions in budget_holder["budget"].positions.values():
         assert positions[0, 0].tolist() == expected
@@ -73,7 +74,7 @@ def test_large_budget_changes_nothing(model):
 def test_prefill_ratio_and_cap_both_apply(model):
     # 50% of 96 is 48 > 40: the cap wins from the prefill on.
     out = _generate(model, _ids(), SnapKVPress(compression_ratio=0.5, window_size=8), max_cache_tokens=40)
-    assert all(layer.keys.shape[2] == 40 for layer in out.past_key_values.layers)
+    assert all(layer.keys.shape[2] == 40 for layer in find_cache(out).layers)
 
 
 @pytest.mark.parametrize("bad", [0, 8, 12, -1, 3.5, True, "64"])
@@ -121,7 +122,7 @@ def test_full_prefill_press_same_cache_in_both_paths(model):
     swept = curdkv.capture_prefill(model, ids).build_cache(press, "dense")
     cache = curdkv.CompressedCache()
     with curdkv.compress(model, press, layout="dense"):
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        forward_with_cache(model, cache, input_ids=ids, use_cache=True)
     assert [layer.keys.shape[2] for layer in cache.layers] == [48 - 4 * (i % 2) for i in range(len(cache.layers))]
     for a, b in zip(cache.layers, swept.layers):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import re
 
 import pytest
 import torch
@@ -332,6 +333,22 @@ def test_cli_rejects_bad_arguments(capsys):
         assert message in capsys.readouterr().err
     assert cli_main(["eval", "ruler", "--tasks", "nope", "--out", "x"]) == 2
     assert "tasks must be among" in capsys.readouterr().err
+
+
+def test_cli_checks_context_lengths_before_loading_a_model(capsys, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("curdkv.eval.run.load_model", no_load)
+    monkeypatch.setattr("curdkv.demo.load_model", no_load)
+    for argv, command in [
+        (["eval", "ruler", "--presses", "curdkv:num_sinks=100000", "--ratios", "0.5", "--out", "x"], "eval"),
+        (["eval", "ruler", "--presses", "snapkv", "--ratios", "0.99", "--lengths", "1024", "--out", "x"], "eval"),
+        (["demo", "--presses", "curdkv:num_sinks=100000"], "demo"),
+    ]:
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"curdkv {command}: error:" in err and re.search(r"protect(s|ed tokens) \(num_sinks=", err)
 
 
 @needs_smollm2

@@ -17,6 +17,7 @@ from curdkv.ragged_layer import RaggedLayer
 from curdkv.selection import kept_count, select_uniform
 
 from conftest import random_ids, tiny_model
+from curdkv.transformers_compat import forward_with_cache
 
 B, H_KV = 2, 2
 
@@ -208,7 +209,7 @@ def test_compress_keeps_recent_tokens_and_heavy_hitters(arch, ratio, window, chu
     full = curdkv.capture_prefill(model, ids, query_window=n)
     cache = curdkv.CompressedCache()
     with curdkv.compress(model, press):
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        forward_with_cache(model, cache, input_ids=ids, use_cache=True)
     n_keep = kept_count(n, ratio)
     for layer_idx, layer in enumerate(cache.layers):
         keys, values, queries = full.keys[layer_idx], full.values[layer_idx], full.queries[layer_idx]
@@ -234,7 +235,7 @@ def test_inside_adakv_keeps_recent_tokens_and_total_budget():
     full = curdkv.capture_prefill(model, ids, query_window=n)
     cache = curdkv.CompressedCache()
     with curdkv.compress(model, press):
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        forward_with_cache(model, cache, input_ids=ids, use_cache=True)
     h_kv = model.config.num_key_value_heads
     for layer_idx, layer in enumerate(cache.layers):
         assert isinstance(layer, RaggedLayer)

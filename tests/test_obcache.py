@@ -15,6 +15,7 @@ from curdkv.ragged_layer import RaggedLayer
 from curdkv.selection import kept_count, select_uniform
 
 from conftest import random_ids, tiny_model
+from curdkv.transformers_compat import forward_with_cache
 
 B, H_KV = 2, 2
 SALIENCIES = ("value", "key", "joint")
@@ -268,7 +269,7 @@ def test_compress_keeps_window_and_budget_on_a_model(saliency, ratio):
     full = curdkv.capture_prefill(model, ids, query_window=window)
     cache = curdkv.CompressedCache()
     with curdkv.compress(model, press):
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        forward_with_cache(model, cache, input_ids=ids, use_cache=True)
     n_keep = kept_count(n, ratio)
     for layer_idx, layer in enumerate(cache.layers):
         keys = full.keys[layer_idx]
@@ -293,7 +294,7 @@ def test_inside_adakv_keeps_window_and_total_budget(saliency):
     full = curdkv.capture_prefill(model, ids, query_window=window)
     cache = curdkv.CompressedCache()
     with curdkv.compress(model, press):
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        forward_with_cache(model, cache, input_ids=ids, use_cache=True)
     n_keep = kept_count(n, ratio)
     h_kv = model.config.num_key_value_heads
     for layer_idx, layer in enumerate(cache.layers):

@@ -14,6 +14,7 @@ from curdkv.ragged_layer import RaggedLayer
 from curdkv.runtime import compress_layer
 from curdkv.selection import in_context_order
 from conftest import random_ids, tiny_model
+from curdkv.transformers_compat import forward_with_cache
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; run on the GPU machine")
 
@@ -132,7 +133,7 @@ def test_overlapped_prefill_keeps_the_same_tokens_and_generates_the_same(name):
         press = curdkv.get_press(name, 0.6)
         with curdkv.compress(model, press, overlap=overlap):
             cache = DynamicCache()
-            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            forward_with_cache(model, cache, input_ids=ids, use_cache=True)
             caches.append(cache)
             out = model.generate(ids, max_new_tokens=12, do_sample=False)
             texts.append(out[0, ids.shape[1]:].tolist())
@@ -178,7 +179,7 @@ def test_nan_found_on_the_side_stream_is_raised_when_the_prefill_ends():
     model = tiny_model("tiny-llama", torch.bfloat16).cuda()
     with pytest.raises(ValueError, match=r"NaNHead.*1 NaN scores at layer 1, KV heads \[0\].*when the prefill ended"):
         with curdkv.compress(model, NaNHead(compression_ratio=0.5)):
-            model(input_ids=random_ids(200).cuda(), past_key_values=DynamicCache(), use_cache=True)
+            forward_with_cache(model, DynamicCache(), input_ids=random_ids(200).cuda(), use_cache=True)
     assert len(model._forward_hooks) == 0
     assert all(len(layer.self_attn._forward_hooks) == 0 for layer in model.model.layers)
     model.cpu()

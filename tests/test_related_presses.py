@@ -13,6 +13,7 @@ from curdkv.presses import LAVaPress, LookaheadQCachePress, MorphKVPress, Pyrami
 from curdkv.presses.base import ScoringView
 from curdkv.presses.lava import normalised_entropy
 from curdkv.presses.pyramidkv import pyramid_budgets
+from curdkv.transformers_compat import find_cache, forward_with_cache
 
 
 def _view(n=40, d=8, h_kv=2, group=2, w=6, seed=0, b=1):
@@ -101,7 +102,7 @@ def test_morphkv_holds_constant_cache_through_generation(tiny_models):
     with curdkv.compress(model, MorphKVPress(window_size=8), max_cache_tokens=48):
         out = model.generate(ids, max_new_tokens=60, min_new_tokens=60, do_sample=False, return_dict_in_generate=True)
     assert out.sequences.shape[1] == 140
-    assert all(layer.keys.shape[2] == 48 for layer in out.past_key_values.layers)
+    assert all(layer.keys.shape[2] == 48 for layer in find_cache(out).layers)
 
 
 def test_morphkv_rejects_bad_parameters():
@@ -162,7 +163,7 @@ def test_lava_is_ragged_and_saves_the_uniform_memory(tiny_models):
     # The layer-by-layer path (which defers to the end of the prefill) keeps the same tokens.
     live = curdkv.CompressedCache()
     with curdkv.compress(model, LAVaPress(compression_ratio=0.5)):
-        model(input_ids=ids, past_key_values=live, use_cache=True)
+        forward_with_cache(model, live, input_ids=ids, use_cache=True)
     for a, b in zip(live.layers, cache.layers):
         assert torch.equal(a.kept_lengths(), b.kept_lengths()) if hasattr(a, "kept_lengths") else a.stored_length == b.stored_length
 
@@ -214,7 +215,7 @@ def test_lookahead_same_cache_in_both_paths(tiny_models):
     swept = curdkv.capture_prefill(model, ids, query_window=press.query_window).build_cache(press, "dense")
     live = curdkv.CompressedCache()
     with curdkv.compress(model, press, layout="dense"):
-        model(input_ids=ids, past_key_values=live, use_cache=True)
+        forward_with_cache(model, live, input_ids=ids, use_cache=True)
     for a, b in zip(live.layers, swept.layers):
         assert torch.allclose(a.keys, b.keys) and a.get_seq_length() == 150
 

@@ -14,6 +14,7 @@ from curdkv.attention import _recorders, using_curdkv_attention
 from curdkv.selection import select_uniform
 
 from conftest import DTYPES, random_ids
+from curdkv.transformers_compat import cache_keyword, forward_with_cache
 
 # Uniform presses; head-adaptive ones are tested in test_adaptive.py.
 # Uniform presses: every layer and head keeps the same count (LAVa and PyramidKV set
@@ -68,7 +69,7 @@ def test_sweep_path_keeps_same_tokens_as_layer_by_layer(model, press_name):
 
     cache_b = CompressedCache()
     with curdkv.compress(model, press):
-        model(input_ids=ids, past_key_values=cache_b, use_cache=True)
+        forward_with_cache(model, cache_b, input_ids=ids, use_cache=True)
 
     assert len(cache_a.layers) == len(cache_b.layers) == model.config.num_hidden_layers
     kept = N - int(N * RATIO)
@@ -91,10 +92,10 @@ def test_kept_count_logical_length_and_nbytes(model, press_name, n, ratio):
     press = make_press(press_name, ratio)
     cache = CompressedCache()
     with curdkv.compress(model, press):
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        forward_with_cache(model, cache, input_ids=ids, use_cache=True)
 
     full = CompressedCache()
-    model(input_ids=ids, past_key_values=full, use_cache=True)
+    forward_with_cache(model, full, input_ids=ids, use_cache=True)
 
     cfg = model.config
     kept = n - int(n * ratio)
@@ -126,7 +127,7 @@ def test_ratio_zero_changes_nothing(model, press_name):
     with curdkv.compress(model, press):
         logits = model(input_ids=ids).logits
         cache = CompressedCache()
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        forward_with_cache(model, cache, input_ids=ids, use_cache=True)
     assert torch.allclose(logits, reference, atol=1e-6, rtol=0)
     assert cache.stored_lengths() == [150] * model.config.num_hidden_layers
 
@@ -185,10 +186,8 @@ def greedy_by_hand(model, ids: torch.Tensor, cache: CompressedCache, steps: int)
     tokens = [int(token)]
     with using_curdkv_attention(model):
         for step in range(steps - 1):
-            out = model(
-                input_ids=token[:, None], past_key_values=cache, use_cache=True,
-                position_ids=torch.tensor([[n + step]]),
-            )
+            out = forward_with_cache(model, cache, input_ids=token[:, None], use_cache=True,
+                position_ids=torch.tensor([[n + step]]))
             token = out.logits[:, -1].argmax(-1)
             tokens.append(int(token))
     assert cache.get_seq_length() == n + steps - 1
@@ -229,7 +228,7 @@ def test_compression_changes_generation_somewhere(model):
 def _compress_batch(model, press, ids) -> CompressedCache:
     cache = CompressedCache()
     with curdkv.compress(model, press):
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        forward_with_cache(model, cache, input_ids=ids, use_cache=True)
     return cache
 
 
@@ -275,9 +274,8 @@ def test_dtypes_compress_and_generate(arch, tiny_models, press_name, dtype_name)
     cache = CompressedCache()
     with curdkv.compress(model, press):
         out = model.generate(
-            ids, past_key_values=cache, max_new_tokens=4, do_sample=False,
-            output_logits=True, return_dict_in_generate=True,
-        )
+            ids, **{cache_keyword(model): cache}, max_new_tokens=4, do_sample=False,
+            output_logits=True, return_dict_in_generate=True)
     assert out.sequences.shape[1] > 160
     for logits in out.logits:
         assert not torch.isnan(logits).any()
@@ -324,7 +322,7 @@ def test_exception_in_score_propagates_and_leaves_no_hooks(model):
     cache = CompressedCache()
     with pytest.raises(_Boom, match="score failed"):
         with curdkv.compress(model, FailingPress(compression_ratio=0.5)):
-            model(input_ids=random_ids(100), past_key_values=cache, use_cache=True)
+            forward_with_cache(model, cache, input_ids=random_ids(100), use_cache=True)
     assert_no_hooks(model)
     # the model still works normally afterwards
     reference = model(input_ids=random_ids(50)).logits
@@ -347,7 +345,7 @@ def test_context_shorter_than_window_raises(model):
     ids = random_ids(30)
     with pytest.raises(ValueError, match=r"64"):
         with curdkv.compress(model, curdkv.SnapKVPress(compression_ratio=0.5)):
-            model(input_ids=ids, past_key_values=CompressedCache(), use_cache=True)
+            forward_with_cache(model, CompressedCache(), input_ids=ids, use_cache=True)
     assert_no_hooks(model)
     with pytest.raises(ValueError, match=r"64"):
         curdkv.capture_prefill(model, ids).build_cache(curdkv.SnapKVPress(compression_ratio=0.5))
@@ -368,7 +366,7 @@ def test_padded_attention_mask_raises(model):
     mask[1, :10] = 0
     with pytest.raises(ValueError, match="padding"):
         with curdkv.compress(model, curdkv.CurDKVPress(compression_ratio=0.5)):
-            model(input_ids=ids, attention_mask=mask, past_key_values=CompressedCache(), use_cache=True)
+            forward_with_cache(model, CompressedCache(), input_ids=ids, attention_mask=mask, use_cache=True)
     assert_no_hooks(model)
     # an all-ones mask is fine
     with curdkv.compress(model, curdkv.CurDKVPress(compression_ratio=0.5)):
@@ -436,15 +434,13 @@ def test_multi_token_append_equals_one_at_a_time(model, press_name):
 
     with using_curdkv_attention(model):
         cache = cap.build_cache(press)
-        together = model(input_ids=question, past_key_values=cache, position_ids=positions, use_cache=True).logits
+        together = forward_with_cache(model, cache, input_ids=question, position_ids=positions, use_cache=True).logits
 
         cache = cap.build_cache(press)
         one_by_one = torch.cat(
             [
-                model(
-                    input_ids=question[:, i : i + 1], past_key_values=cache, position_ids=positions[:, i : i + 1],
-                    use_cache=True,
-                ).logits
+                forward_with_cache(model, cache, input_ids=question[:, i : i + 1], position_ids=positions[:, i : i + 1],
+                    use_cache=True).logits
                 for i in range(6)
             ],
             dim=1,
@@ -462,9 +458,7 @@ def test_append_to_full_cache_equals_one_forward(model):
     reference = model(input_ids=torch.cat([ids, question], dim=1)).logits[:, -6:]
     with using_curdkv_attention(model):
         cache = cap.build_cache(None)
-        logits = model(
-            input_ids=question, past_key_values=cache, position_ids=torch.arange(200, 206)[None], use_cache=True
-        ).logits
+        logits = forward_with_cache(model, cache, input_ids=question, position_ids=torch.arange(200, 206)[None], use_cache=True).logits
     assert torch.allclose(logits, reference, atol=1e-5, rtol=1e-5)
 
 

@@ -14,11 +14,13 @@ from curdkv.presses import (
     ChunkKVPress,
     CurDKVPress,
     KNormPress,
+    LAVaPress,
     Press,
     RandomPress,
     ScoringView,
     SnapKVPress,
     StreamingLLMPress,
+    parse_press_spec,
 )
 from curdkv.runtime import compress_states
 from curdkv.selection import kept_count, select_uniform
@@ -102,6 +104,41 @@ def test_chunkkv_press_must_be_a_press(base):
 def test_get_press_unknown_name():
     with pytest.raises(ValueError, match="press"):
         curdkv.get_press("nope")
+
+
+def test_get_press_takes_the_ratio_once():
+    assert curdkv.get_press("curdkv", compression_ratio=0.3).compression_ratio == 0.3
+    assert curdkv.get_press("curdkv").compression_ratio == 0.0
+    with pytest.raises(ValueError, match="compression_ratio given twice"):
+        curdkv.get_press("curdkv", 0.5, compression_ratio=0.2)
+
+
+@pytest.mark.parametrize("spec", ["curdkv:compression_ratio=0.7", "snapkv:window_size=8:compression_ratio=0.1"])
+def test_a_spec_does_not_set_the_ratio(spec):
+    with pytest.raises(ValueError, match="compression_ratio is not a spec option"):
+        curdkv.get_press(spec, 0.5)
+    with pytest.raises(ValueError, match="compression_ratio is not a spec option"):
+        parse_press_spec(spec)
+
+
+def test_lava_refuses_a_ratio_its_window_cannot_meet():
+    """At 0.9 of 200 tokens the budget is 20 per head, under LAVa's 32-token window: it would keep 16%."""
+    press = LAVaPress(compression_ratio=0.9)
+    with pytest.raises(ValueError, match=r"budget of 20 tokens .* smaller than the 32 protected"):
+        press.layer_keeps([torch.rand(1, 2, 200)] * 3, 200)
+    assert sum(LAVaPress(compression_ratio=0.9).layer_keeps([torch.rand(1, 2, 1000)] * 3, 1000)) <= 300
+
+
+@pytest.mark.parametrize("prefix", [5, b"Answer:", ["A"]], ids=repr)
+def test_answer_prefix_must_be_a_string(prefix):
+    with pytest.raises(ValueError, match="answer_prefix must be a string or None"):
+        curdkv.context.encode_question(None, "What is it?", answer_prefix=prefix)
+
+
+@pytest.mark.parametrize("window", [1.5, -1, "64", None, True], ids=repr)
+def test_query_window_must_be_an_integer(tiny_models, window):
+    with pytest.raises(ValueError, match="query_window must be an integer >= 0"):
+        curdkv.capture_prefill(tiny_models("tiny-llama"), torch.zeros(1, 8, dtype=torch.long), query_window=window)
 
 
 @pytest.mark.parametrize("name", sorted(PRESSES))

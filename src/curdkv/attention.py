@@ -44,6 +44,10 @@ class QueryRecorder:
         self.window = window
         self.rolling = rolling
         self.queries: dict[int, torch.Tensor] = {}
+        # Per layer, ``(new tokens, keys attended)`` of the last call (``-1`` keys: a compressed
+        # layout): the runtime's witness of which layers ran a first prefill, read whatever the
+        # forward's keywords are named.
+        self.calls: dict[int, tuple[int, int]] = {}
 
     def wants(self, q_len: int, kv_len: int) -> bool:
         return self.window > 0 and (self.rolling or q_len == kv_len)
@@ -97,6 +101,7 @@ def curdkv_attention(module, query, key, value, attention_mask, scaling=None, dr
     if recorder is not None:
         # Ragged and masked layers are compressed already: they never see a first prefill.
         kv_len = key.shape[2] if isinstance(key, torch.Tensor) else -1
+        recorder.calls[module.layer_idx] = (query.shape[2], kv_len)
         if recorder.wants(query.shape[2], kv_len):
             recorder.record(module.layer_idx, query)
     if isinstance(key, RaggedKV):

@@ -167,6 +167,10 @@ def _run_eval(args) -> int:
     configs = sweep_configs(args.presses, args.ratios, args.extra)
     if args.bench == "ruler":
         family = ruler_family(args.tasks, args.lengths, args.samples, args.seed)
+        for config in configs:  # before the model loads: each prompt is about its length long
+            press = config.build()
+            for length in args.lengths if press is not None else ():
+                press.check_context(length)
     else:
         family = longbench_family(args.data, args.tasks, args.max_tokens, args.samples)
     rows = run_eval(family, args.model, configs, args.out, dtype=args.dtype, device=args.device,

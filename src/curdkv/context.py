@@ -13,7 +13,8 @@ import torch
 
 from .attention import using_curdkv_attention
 from .cache import CompressedCache
-from .runtime import PrefillCapture, capture_prefill, check_press, compress
+from .runtime import PrefillCapture, attention_modules, capture_prefill, check_press, compress, refuse_inside_compress
+from .transformers_compat import forward_with_cache
 from .presses.base import Press
 
 _MARKER = "\x00curdkv-content\x00"
@@ -49,6 +50,10 @@ def encode_question(
     """
     if not isinstance(question, str) or not question.strip():
         raise ValueError("question must be a non-empty string")
+    if answer_prefix is not None and not isinstance(answer_prefix, str):
+        raise ValueError(f"answer_prefix must be a string or None, got {answer_prefix!r}")
+    if not isinstance(separator, str):
+        raise ValueError(f"separator must be a string, got {separator!r}")
     _, suffix = chat_parts(tokenizer)
     text = separator + question + suffix + (answer_prefix or "")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
@@ -116,8 +121,8 @@ def answer_greedily(
         with using_curdkv_attention(model):
             for _ in range(max_new_tokens):
                 positions = torch.arange(position, position + ids.shape[1], device=device)[None].expand(rows, -1)
-                out = model(
-                    input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1
+                out = forward_with_cache(
+                    model, cache, input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1
                 )
                 position += ids.shape[1]
                 token = out.logits[:, -1].argmax(-1)
@@ -152,16 +157,19 @@ def prefill(
     >>> ctx = curdkv.prefill(model, tokenizer, long_text, curdkv.CurDKVPress(compression_ratio=0.5))
     >>> ctx.ask("What is the magic number?", max_new_tokens=16)
     """
+    attention_modules(model)  # the same up-front model check as compress(), with or without a press
+    refuse_inside_compress(model, "prefill()")
+    if press is not None:
+        check_press(press)
     device = next(model.parameters()).device
     ids = encode_context(tokenizer, context, device)
     cache = CompressedCache()
     if press is None:
         with using_curdkv_attention(model):
-            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            forward_with_cache(model, cache, input_ids=ids, use_cache=True, logits_to_keep=1)
     else:
-        check_press(press)
         with compress(model, press, layout):
-            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            forward_with_cache(model, cache, input_ids=ids, use_cache=True, logits_to_keep=1)
     return CompressedContext(model, tokenizer, cache, ids.shape[1], press)
 
 

@@ -56,7 +56,8 @@ class DecodeBudget:
         self.recorder = recorder
         self.positions: dict[int, torch.Tensor] = {}  # layer -> [B, H_kv, stored] RoPE positions
 
-    def after_attention(self, module, cache, new_tokens: int) -> None:
+    def after_attention(self, module, cache, new_tokens: int) -> int:
+        """Hold the layer of ``module`` at the budget after ``new_tokens`` were appended; returns what it holds."""
         from .runtime import num_layers, select_tokens
 
         idx = module.layer_idx
@@ -97,3 +98,4 @@ class DecodeBudget:
         else:
             cache.layers[idx] = CompressedLayer.from_states(keys, values, evicted)
         self.positions[idx] = positions
+        return keys.shape[2]

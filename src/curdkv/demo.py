@@ -49,6 +49,9 @@ def configurations(settings: DemoSettings) -> list[tuple[str, float, object]]:
 def run_demo(settings: DemoSettings, progress: bool = True) -> list[dict]:
     """Answer needle prompts with every configuration; one record per (method, ratio)."""
     configs = configurations(settings)  # validates names and ratios before the model loads
+    for _, _, press in configs:
+        if press is not None:
+            press.check_context(settings.context_tokens)
     model, tokenizer = load_model(settings.model, dtype=settings.dtype, device=settings.device)
     samples = needle_samples(tokenizer, settings.samples, settings.context_tokens, seed=settings.seed)
     stats = {(m, r): {"correct": 0, "seconds": 0.0, "kv_bytes": 0} for m, r, _ in configs}

@@ -14,6 +14,7 @@ import torch
 
 from .attention import QueryRecorder, recording_queries, using_curdkv_attention
 from .presses.base import Press
+from .transformers_compat import forward_with_cache
 
 
 @torch.no_grad()
@@ -37,6 +38,7 @@ def pseudo_queries(capture, press: Press) -> list[torch.Tensor]:
     with using_curdkv_attention(model), recording_queries(capture.modules, recorder):
         for step in range(m):
             positions = torch.full_like(ids, position + step)
-            out = model(input_ids=ids, past_key_values=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
+            out = forward_with_cache(model, cache, input_ids=ids, position_ids=positions, use_cache=True,
+                                     logits_to_keep=1)
             ids = out.logits[:, -1:].argmax(-1)
     return [recorder.queries[i] for i in range(capture.num_layers)]

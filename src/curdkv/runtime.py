@@ -23,9 +23,10 @@ from .attention import QueryRecorder, recording_queries, using_curdkv_attention
 from .overlap import SideStream, empty_head_message, first_problem, layer_problems
 from .cache import CompressedCache, CompressedLayer
 from .kernels.common import on_kernel_device
-from .presses.base import ALL_QUERIES, Press, ScoringView, check_choice
+from .presses.base import ALL_QUERIES, Press, ScoringView, check_choice, check_int
 from .ragged_layer import MaskedLayer, RaggedLayer
 from .selection import NaNScores, gather_kv_tokens, select_adaptive, select_uniform
+from .transformers_compat import TESTED_TRANSFORMERS, TRANSFORMERS_VERSION, find_cache, forward_with_cache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -227,7 +228,7 @@ def kept_mask(press: Press, keys, values, queries, module, layer_idx: int) -> to
     return torch.zeros(keys.shape[:3], dtype=torch.bool, device=keys.device).scatter_(-1, chosen, True)
 
 
-def _refuse_padding(module, args, kwargs):
+def _refuse_padding(args, kwargs) -> None:
     mask = kwargs.get("attention_mask")
     if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
         mask = args[1]
@@ -238,59 +239,129 @@ def _refuse_padding(module, args, kwargs):
         )
 
 
-def _compress_after_attention(
-    press: Press, layout, recorder: QueryRecorder, side: SideStream | None, module, args, kwargs, output
-):
-    cache = kwargs.get("past_key_values")
-    hidden = kwargs.get("hidden_states", args[0] if args else None)
-    queries = recorder.pop(module.layer_idx)
-    if cache is None or hidden is None:
-        return
-    layer = cache.layers[module.layer_idx]
-    if layer.get_seq_length() != hidden.shape[1]:
-        return  # not a first prefill: tokens appended to an existing cache are never evicted
-    keys, values = layer.keys, layer.values
-    if side is not None and keys.is_cuda:
-        compressed = side.run(
-            lambda problems: compress_layer(press, keys, values, queries, module, module.layer_idx, layout,
-                                            problems=problems),
-            (keys, values, queries), keys.device,
+# id() of the models inside a compress() block: a second compression of the same prefill would
+# cut an already compressed cache and count its evicted tokens twice.
+_compressing: set[int] = set()
+
+
+def refuse_inside_compress(model, what: str) -> None:
+    """Raise when ``model`` is inside a :func:`compress` block (``what`` names the caller)."""
+    if id(model) in _compressing:
+        raise RuntimeError(
+            f"{what} inside curdkv.compress(...) on the same model would compress its prefill twice and "
+            "corrupt the cache's logical length; leave the compress() block first"
         )
-    else:
-        compressed = compress_layer(press, keys, values, queries, module, module.layer_idx, layout)
-    cache.layers[module.layer_idx] = compressed
 
 
-def _join_side_stream(side: SideStream, model, args, kwargs, output):
-    side.finish()
+class _CompressionHooks:
+    """The hooks of one :func:`compress` block, and what they saw in the model's outermost forward pass.
 
+    The layers that ran a first prefill are known from curdkv's attention
+    function (``recorder.calls``), the cache from the hooked forwards'
+    arguments by its type (:mod:`curdkv.transformers_compat`): neither depends on what
+    transformers names its keywords. When the outermost forward pass ends,
+    :meth:`verify` raises if a layer that should have been compressed was not.
+    """
 
-def _budget_after_attention(budget, module, args, kwargs, output):
-    cache = kwargs.get("past_key_values")
-    hidden = kwargs.get("hidden_states", args[0] if args else None)
-    if cache is not None and hidden is not None:
-        budget.after_attention(module, cache, hidden.shape[1])
+    def __init__(self, press: Press, layout, modules, recorder: QueryRecorder, whole_prefill: bool = False,
+                 side: SideStream | None = None, budget=None):
+        self.press, self.layout, self.modules, self.recorder = press, layout, modules, recorder
+        self.whole_prefill, self.side, self.budget = whole_prefill, side, budget
+        self.depth = 0  # nested forwards (lookahead decoding inside the hooks) are curdkv's own
+        self.handled: dict[int, int] = {}  # layer -> tokens per head it holds after the hook
 
+    def failure(self, layer_idx: int, reason: str) -> RuntimeError:
+        return RuntimeError(
+            f"curdkv did not compress layer {layer_idx} with press {self.press.name!r} "
+            f"(compression_ratio={self.press.compression_ratio:g}) under transformers {TRANSFORMERS_VERSION}: "
+            f"{reason}. curdkv is tested with transformers {TESTED_TRANSFORMERS[0]} to {TESTED_TRANSFORMERS[1]}"
+        )
 
-def _compress_after_prefill(press: Press, layout, recorder: QueryRecorder, modules, model, args, kwargs, output):
-    """After a whole first prefill: compress every layer at once (presses with ``needs_full_prefill``)."""
-    cache = kwargs.get("past_key_values")
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    if ids is None:
-        ids = kwargs.get("inputs_embeds")
-    queries = [recorder.pop(i) for i in range(len(modules))]
-    if cache is None or ids is None or getattr(output, "logits", None) is None:
-        return
-    n = ids.shape[1]
-    layers = [cache.layers[i] for i in range(len(modules))]
-    if any(layer.get_seq_length() != n or getattr(layer, "evicted", 0) for layer in layers):
-        return  # not a first prefill (or the pseudo-query decoding this very hook started)
-    capture = PrefillCapture(
-        [layer.keys for layer in layers], [layer.values for layer in layers], queries, modules, n,
-        model, output.logits[:, -1].argmax(-1), kwargs.get("input_ids"),
-    )
-    for i, layer in enumerate(capture.build_cache(press, layout).layers):
-        cache.layers[i] = layer
+    def before_forward(self, model, args, kwargs) -> None:
+        _refuse_padding(args, kwargs)
+        self.depth += 1
+        if self.depth == 1:
+            self.recorder.calls.clear()
+            self.handled.clear()
+
+    def after_attention(self, module, args, kwargs, output) -> None:
+        if self.depth > 1:
+            return
+        idx = module.layer_idx
+        call = self.recorder.calls.get(idx)
+        if call is None:
+            raise self.failure(idx, "its attention did not run through curdkv's attention function")
+        new_tokens, attended = call
+        if self.budget is None and new_tokens != attended:
+            return  # not a first prefill: tokens appended to an existing cache are never evicted
+        cache = find_cache(kwargs, args)
+        if cache is None:
+            raise self.failure(idx, "no transformers Cache was among the attention module's arguments")
+        if self.budget is not None:
+            self.handled[idx] = self.budget.after_attention(module, cache, new_tokens)
+            return
+        layer = cache.layers[idx]
+        keys, values = layer.keys, layer.values
+        queries = self.recorder.pop(idx)
+        if self.side is not None and keys.is_cuda:
+            compressed = self.side.run(
+                lambda problems: compress_layer(self.press, keys, values, queries, module, idx, self.layout,
+                                                problems=problems),
+                (keys, values, queries), keys.device,
+            )
+        else:
+            compressed = compress_layer(self.press, keys, values, queries, module, idx, self.layout)
+        cache.layers[idx] = compressed
+        self.handled[idx] = -1
+
+    def after_forward(self, model, args, kwargs, output) -> None:
+        try:
+            # ``output`` is None when the forward raised (the hook is always called, to keep depth right).
+            if self.depth == 1 and output is not None:
+                if self.side is not None:
+                    self.side.finish()
+                if self.whole_prefill:
+                    self._compress_whole_prefill(model, args, kwargs, output)
+                self.verify()
+        finally:
+            self.depth -= 1
+
+    def _first_prefill_layers(self) -> list[int]:
+        return [i for i, (new, attended) in sorted(self.recorder.calls.items()) if new == attended]
+
+    def _compress_whole_prefill(self, model, args, kwargs, output) -> None:
+        """Every layer at once, after a first prefill (presses with ``needs_full_prefill`` or lookahead)."""
+        first = self._first_prefill_layers()
+        if not first:
+            return
+        cache = find_cache(kwargs, args, output)
+        if cache is None:
+            raise self.failure(first[0], "no transformers Cache was among the model's arguments or outputs")
+        n = self.recorder.calls[first[0]][0]
+        queries = [self.recorder.pop(i) for i in range(len(self.modules))]
+        layers = [cache.layers[i] for i in range(len(self.modules))]
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        capture = PrefillCapture(
+            [layer.keys for layer in layers], [layer.values for layer in layers], queries, self.modules, n,
+            model, output.logits[:, -1].argmax(-1), ids if isinstance(ids, torch.Tensor) else None,
+        )
+        for i, layer in enumerate(capture.build_cache(self.press, self.layout).layers):
+            cache.layers[i] = layer
+            self.handled[i] = -1
+
+    def verify(self) -> None:
+        """Raise if a layer that ran a first prefill (or, with a decode budget, any layer) was left as it was."""
+        for i in range(len(self.modules)):
+            if i not in self.recorder.calls:
+                raise self.failure(i, "its attention did not run through curdkv's attention function")
+        due = sorted(self.recorder.calls) if self.budget is not None else self._first_prefill_layers()
+        for i in due:
+            if i not in self.handled:
+                raise self.failure(i, "the compression hook never saw its cache")
+            if self.budget is not None and self.handled[i] > self.budget.max_cache_tokens:
+                raise self.failure(
+                    i, f"it holds {self.handled[i]} tokens per head, more than max_cache_tokens="
+                       f"{self.budget.max_cache_tokens}")
 
 
 @contextlib.contextmanager
@@ -311,6 +382,11 @@ def compress(
     Hooks and the attention switch are removed on exit, also after an error.
     A ratio of 0 changes nothing. ``layout``: see :func:`compress_layer`.
 
+    When a forward pass ends, a ``RuntimeError`` names any layer whose first
+    prefill was not compressed (or, with ``max_cache_tokens``, any layer that
+    holds more): a compression that did not happen is never silent. Blocks do
+    not nest on one model.
+
     ``overlap`` (CUDA): each layer is compressed on a second stream while the
     next layers' prefill runs (:mod:`curdkv.overlap`), which hides most of
     the compression time; the kept tokens are the same. Problems it finds
@@ -323,43 +399,40 @@ def compress(
         check_choice("layout", layout, LAYOUTS)
     if not isinstance(overlap, bool):
         raise ValueError(f"overlap must be True or False, got {overlap!r}")
-    side = None
     modules = attention_modules(model)
+    refuse_inside_compress(model, "curdkv.compress(...)")
     if max_cache_tokens is not None:
         from .decoding import DecodeBudget
 
         if layout not in (None, "dense"):
             raise ValueError(f"layout must be 'dense' (or None) with max_cache_tokens, got {layout!r}")
         recorder = QueryRecorder(press.query_window, rolling=True)
-        budget = DecodeBudget(press, max_cache_tokens, recorder)
-        module_hook = functools.partial(_budget_after_attention, budget)
-        model_hook = None
+        hooks = _CompressionHooks(press, layout, modules, recorder,
+                                  budget=DecodeBudget(press, max_cache_tokens, recorder))
     elif press.compression_ratio == 0.0:
         yield
         return
     elif press.needs_full_prefill or press.lookahead_tokens:
-        recorder = QueryRecorder(press.query_window)
-        module_hook = None
-        model_hook = functools.partial(_compress_after_prefill, press, layout, recorder, modules)
+        hooks = _CompressionHooks(press, layout, modules, QueryRecorder(press.query_window), whole_prefill=True)
     else:
-        recorder = QueryRecorder(press.query_window)
         side = SideStream() if overlap and torch.cuda.is_available() else None
-        module_hook = functools.partial(_compress_after_attention, press, layout, recorder, side)
-        model_hook = None if side is None else functools.partial(_join_side_stream, side)
+        hooks = _CompressionHooks(press, layout, modules, QueryRecorder(press.query_window), side=side)
     handles = []
+    _compressing.add(id(model))
     try:
-        with using_curdkv_attention(model), recording_queries(modules, recorder):
-            handles.append(model.register_forward_pre_hook(_refuse_padding, with_kwargs=True))
-            if model_hook is not None:
-                handles.append(model.register_forward_hook(model_hook, with_kwargs=True))
-            for m in modules if module_hook is not None else ():
-                handles.append(m.register_forward_hook(module_hook, with_kwargs=True))
+        with using_curdkv_attention(model), recording_queries(modules, hooks.recorder):
+            handles.append(model.register_forward_pre_hook(hooks.before_forward, with_kwargs=True))
+            handles.append(model.register_forward_hook(hooks.after_forward, with_kwargs=True, always_call=True))
+            if not hooks.whole_prefill:
+                for m in modules:
+                    handles.append(m.register_forward_hook(hooks.after_attention, with_kwargs=True))
             yield
     finally:
+        _compressing.discard(id(model))
         for h in handles:
             h.remove()
-        if side is not None:
-            side.finish(check=False)
+        if hooks.side is not None:
+            hooks.side.finish(check=False)
 
 
 class PrefillCapture:
@@ -480,12 +553,18 @@ def capture_prefill(model, input_ids: torch.Tensor, query_window: int = 64) -> P
         raise ValueError("input_ids must be a [batch, seq_len] tensor of token ids")
     if input_ids.shape[1] == 0:
         raise ValueError("the context is empty: input_ids has no tokens")
-    if query_window < 0:
-        raise ValueError(f"query_window must be >= 0, got {query_window}")
+    check_int("query_window", query_window, 0)
+    refuse_inside_compress(model, "capture_prefill()")
     recorder = QueryRecorder(min(query_window, input_ids.shape[1]))
     cache = DynamicCache()
     with using_curdkv_attention(model), recording_queries(modules, recorder):
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = forward_with_cache(model, cache, input_ids=input_ids, use_cache=True, logits_to_keep=1)
+    n = input_ids.shape[1]
+    if len(cache.layers) != len(modules) or any(layer.get_seq_length() != n for layer in cache.layers):
+        raise RuntimeError(
+            f"capture_prefill: the model did not fill the cache it was handed ({len(cache.layers)} of "
+            f"{len(modules)} layers, expected {n} tokens each) under transformers {TRANSFORMERS_VERSION}"
+        )
     keys = [cache.layers[i].keys for i in range(len(modules))]
     values = [cache.layers[i].values for i in range(len(modules))]
     queries = [recorder.queries.get(i) for i in range(len(modules))]

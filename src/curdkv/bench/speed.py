@@ -69,6 +69,7 @@ from ..environment import environment
 from ..models import load_model
 from ..presses import get_press, parse_press_spec
 from ..runtime import attention_modules, capture_prefill, compress, compress_layer
+from ..transformers_compat import forward_with_cache
 from .timing import (
     copy_bandwidth, decode_gpu_seconds_per_token, decode_seconds_per_token, gpu_time, median_seconds,
     overlapped_seconds, timer,
@@ -164,10 +165,10 @@ def _prefill(model, ids: torch.Tensor, press=None) -> tuple[float, int | None]:
         stop = timer(ids.device)
         cache = DynamicCache()
         if press is None:
-            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            forward_with_cache(model, cache, input_ids=ids, use_cache=True, logits_to_keep=1)
         else:
             with compress(model, press):
-                model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                forward_with_cache(model, cache, input_ids=ids, use_cache=True, logits_to_keep=1)
         seconds = stop()
     del cache
     return seconds, memory.peak

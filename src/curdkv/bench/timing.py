@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import using_curdkv_attention
+from ..transformers_compat import forward_with_cache
 
 
 def timer(device: torch.device):
@@ -196,7 +197,7 @@ def decode_seconds_per_token(model, cache, first_token: torch.Tensor, position: 
     stop = timer(first_token.device)
     with using_curdkv_attention(model):
         for step in range(steps):
-            logits = model(input_ids=token, past_key_values=cache, position_ids=positions[step], use_cache=True).logits
+            logits = forward_with_cache(model, cache, input_ids=token, position_ids=positions[step], use_cache=True).logits
             token = logits[:, -1:].argmax(-1)
     seconds = stop()
     cache.restore(snapshot)

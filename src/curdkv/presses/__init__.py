@@ -64,6 +64,8 @@ def parse_press_spec(spec: str) -> tuple[str, dict]:
     A spec is a registry name, optionally followed by ``:option=value`` pairs
     passed to the press's constructor (``none`` for None). It names one
     configuration in sweeps and on the command line, where commas separate specs.
+    The compression ratio is not an option: it comes from the ratio argument
+    (``--ratios`` on the command line), so one spec runs at every ratio.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"press must be a non-empty string, got {spec!r}")
@@ -76,16 +78,35 @@ def parse_press_spec(spec: str) -> tuple[str, dict]:
         field, sep, value = option.partition("=")
         if not sep or not field or not value:
             raise ValueError(f"press options must look like name:option=value[:option=value], got {spec!r}")
+        if field == "compression_ratio":
+            raise ValueError(
+                f"press spec {spec!r}: compression_ratio is not a spec option; pass the ratio separately "
+                "(get_press(name, ratio), --ratios on the command line)"
+            )
         kwargs[field] = _option_value(value)
     return key, kwargs
 
 
-def get_press(name: str, compression_ratio: float = 0.0, **kwargs) -> Press:
-    """Build a press by registry name or spec, e.g. ``get_press("curdkv", 0.5)``, ``get_press("curdkv:leverage=key", 0.5)``."""
-    key, options = parse_press_spec(name)
-    options.update(kwargs)
+def get_press(name: str, compression_ratio: float | None = None, /, **options) -> Press:
+    """Build a press by registry name or spec, e.g. ``get_press("curdkv", 0.5)``, ``get_press("curdkv:leverage=key", 0.5)``.
+
+    The ratio (default 0) is the second argument or the keyword
+    ``compression_ratio``, not both; ``options`` are other constructor
+    arguments of the press (they override the spec's).
+    """
+    key, spec_options = parse_press_spec(name)
+    if "compression_ratio" in options:
+        if compression_ratio is not None:
+            raise ValueError(
+                f"get_press({name!r}, ...): compression_ratio given twice ({compression_ratio!r} and "
+                f"{options['compression_ratio']!r}); pass it once"
+            )
+        compression_ratio = options.pop("compression_ratio")
+    if compression_ratio is None:
+        compression_ratio = 0.0
+    spec_options.update(options)
     try:
-        return PRESSES[key](compression_ratio=compression_ratio, **options)
+        return PRESSES[key](compression_ratio=compression_ratio, **spec_options)
     except TypeError as error:  # an option the press does not have
         raise ValueError(f"press {name!r}: {error}") from None
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from ..selection import kept_count
+from ..selection import check_budget, kept_count
 
 
 @dataclass
@@ -153,6 +153,14 @@ class Press:
         The same at every layer unless the press sets layer budgets (PyramidKV).
         """
         return kept_count(seq_len, self.compression_ratio)
+
+    def check_context(self, seq_len: int) -> None:
+        """Raise if a context of about ``seq_len`` tokens cannot honour the protected tokens at this ratio.
+
+        Callers that know the context length before a model loads (the CLI)
+        check here, so the error comes before a minutes-long load and prefill.
+        """
+        check_budget(seq_len, self.layer_keep(seq_len, 0, 1), self.protected_sinks, self.protected_recent)
 
     def layer_keeps(self, scores: list[torch.Tensor], seq_len: int) -> list[int]:
         """Per-layer budgets from every layer's scores, for presses with ``needs_full_prefill``.

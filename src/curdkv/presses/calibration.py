@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Press, check_float
+from ..transformers_compat import forward_with_cache
 
 # |b| of the calibration curve is clamped here: at 60 the curve is already
 # exp(60 (r - 1)) to float64 precision, and expm1 stays far from overflow.
@@ -223,8 +224,8 @@ def _answer_nll(model, press, context_ids, follow_ids, answer_len: int) -> torch
 
     cache = CompressedCache()
     with compress(model, press) if press is not None else contextlib.nullcontext():
-        first = model(input_ids=context_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-    rest = model(input_ids=follow_ids, past_key_values=cache, use_cache=True).logits[:, :-1]
+        first = forward_with_cache(model, cache, input_ids=context_ids, use_cache=True, logits_to_keep=1).logits[:, -1]
+    rest = forward_with_cache(model, cache, input_ids=follow_ids, use_cache=True).logits[:, :-1]
     logits = torch.cat([first[:, None], rest], dim=1)[:, -answer_len:].float()
     return F.cross_entropy(logits.transpose(1, 2), follow_ids[:, -answer_len:], reduction="none").double().mean()
 

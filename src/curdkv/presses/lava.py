@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..selection import kept_count
+from ..selection import check_budget, kept_count
 from .base import ScoringView, WindowPress, check_odd_kernel
 from .snapkv import window_attention_mean
 
@@ -101,6 +101,9 @@ class LAVaPress(WindowPress):
     def layer_keeps(self, scores: list[torch.Tensor], seq_len: int) -> list[int]:
         w = self.window_size
         n_keep = kept_count(seq_len, self.compression_ratio)
+        # The mean budget must hold the window, as for every window press: else every layer
+        # would keep its window and the ratio would silently not be met.
+        check_budget(seq_len, n_keep, self.protected_sinks, self.protected_recent)
         outside = max(n_keep - w, 0) * len(scores)
         entropies = [normalised_entropy(s[..., : seq_len - w]) for s in scores]
         total = sum(entropies)
