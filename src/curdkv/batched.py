@@ -10,6 +10,8 @@ so every configuration becomes one batch row of a ragged cache.
 
 from __future__ import annotations
 
+import torch
+
 from .cache import CompressedCache, CompressedLayer
 from .ragged_layer import RaggedLayer
 
@@ -27,13 +29,29 @@ def as_ragged(layer, context_length: int) -> RaggedLayer:
     raise ValueError(f"cannot stack a {type(layer).__name__}; use the dense or ragged layout")
 
 
+def _same_dense_shape(layers) -> bool:
+    first = layers[0]
+    return all(type(layer) is CompressedLayer and layer.keys.shape == first.keys.shape
+               and layer.values.shape == first.values.shape and layer.evicted == first.evicted for layer in layers)
+
+
 def stack_caches(caches: list[CompressedCache], context_length: int) -> CompressedCache:
-    """One ragged cache whose batch rows are ``caches`` (each of batch size 1, same context)."""
+    """One cache whose batch rows are ``caches`` (each of batch size 1, same context).
+
+    Layers that keep the same number of tokens in the dense layout (uniform
+    presses at one ratio) stack densely, so PyTorch's sdpa reads them; any
+    other mix becomes one ragged layer.
+    """
     if not caches:
         raise ValueError("caches must not be empty")
     if len({len(c.layers) for c in caches}) != 1:
         raise ValueError("caches must have the same number of layers")
     layers = []
     for per_config in zip(*(c.layers for c in caches)):
-        layers.append(RaggedLayer.concat([as_ragged(layer, context_length) for layer in per_config]))
+        if _same_dense_shape(per_config):
+            layers.append(CompressedLayer.from_states(torch.cat([layer.keys for layer in per_config]),
+                                                      torch.cat([layer.values for layer in per_config]),
+                                                      per_config[0].evicted))
+        else:
+            layers.append(RaggedLayer.concat([as_ragged(layer, context_length) for layer in per_config]))
     return CompressedCache.from_layers(layers)

@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--ratios", type=_ratios, default=None, help="compression ratios, e.g. 0.5,0.9")
     demo.add_argument("--samples", type=_positive, default=None, help="needle prompts (default 6)")
     demo.add_argument("--context-tokens", type=_positive, default=None, help="prompt length (default 4096)")
-    demo.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    demo.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                      help="auto: bfloat16 on GPUs, float32 on CPUs")
     demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     demo.add_argument("--json", dest="json_path", default=None, help="write one record per table row to this file")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -137,7 +138,8 @@ def _add_eval(sub) -> None:
         p.add_argument("--extra", type=_grid, action="append", default=[],
                        help="another PRESSES@RATIOS grid answered from the same prefill (repeatable)")
         p.add_argument("--out", required=True, help="run folder: predictions, summary.csv, results.md, plot")
-        p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+        p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                      help="auto: bfloat16 on GPUs, float32 on CPUs")
         p.add_argument("--device", default=None,
                        help="cpu, cuda, cuda:1, or auto (spread a large model over all GPUs); under torchrun each rank uses its own GPU")
         p.add_argument("--batch-size", type=_positive, default=None,

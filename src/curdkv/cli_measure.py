@@ -67,7 +67,8 @@ def add_analyze(sub, parse) -> None:
         p.add_argument("--context-tokens", type=parse["positive"], default=2048, help="prefix to compress (default 2048)")
         p.add_argument("--future-tokens", type=parse["positive"], default=64,
                        help="following tokens whose queries measure the error (default 64)")
-        p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+        p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                      help="auto: bfloat16 on GPUs, float32 on CPUs")
         p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
         p.add_argument("--out", required=True, help="folder for the JSON, Markdown and PNG")
 

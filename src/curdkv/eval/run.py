@@ -96,7 +96,7 @@ def prepare_samples(family: TaskFamily, model_name: str, tokenizer, max_length, 
 
 
 def run_eval(
-    family: TaskFamily, model_name: str, configs: list[Config], out_dir, dtype: str = "bfloat16",
+    family: TaskFamily, model_name: str, configs: list[Config], out_dir, dtype: str = "auto",
     device: str | None = None, batch_size: int | None = None, progress: bool = True, samples_only: bool = False,
 ) -> list[dict] | None:
     """Answer the family's samples under every configuration (see :func:`~curdkv.eval.sweep.sweep_configs`).
@@ -124,7 +124,8 @@ def run_eval(
         merge_ranks(out_dir)
     settings = {
         "family": family.name, "model": model_name, **family.params,
-        "configs": [[c.label, c.ratio] for c in configs], "averages": family.averages, "dtype": dtype,
+        "configs": [[c.label, c.ratio] for c in configs], "averages": family.averages,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "device": str(device), "world_size": world, "samples": len(samples), "environment": environment(),
     }
     (out_dir / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
