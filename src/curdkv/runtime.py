@@ -296,7 +296,8 @@ class _CompressionHooks:
             return  # not a first prefill: tokens appended to an existing cache are never evicted
         cache = find_cache(kwargs, args)
         if cache is None:
-            raise self.failure(idx, "no transformers Cache was among the attention module's arguments")
+            raise self.failure(idx, "no transformers Cache was among the attention module's arguments "
+                                    "(a forward with use_cache=False holds no cache to compress)")
         if self.budget is not None:
             self.handled[idx] = self.budget.after_attention(module, cache, new_tokens)
             return
