@@ -119,7 +119,11 @@ def test_adacurdkv_half_cache_answers_needle_on_the_ragged_cache(smollm2, sample
     assert lengths.min() < lengths.max(), "heads should get different budgets"
     prediction = ask(ragged, sample)
     assert answered(sample, prediction), f"AdaCurDKV at 50% answered {prediction!r}, expected {sample.answer}"
-    assert ask(masked, sample) == prediction
+    # Equal through the needle. In bfloat16 the ragged reference attention and sdpa over the masked
+    # layout round differently, and later tokens can flip at near-ties: under transformers 5.17 the
+    # two answers parted after the needle (":\n\n- 6088505\n- 6" against ":\n\n- 6088505\n\nThese are").
+    through_needle = prediction.index(sample.answer) + len(sample.answer)
+    assert ask(masked, sample)[:through_needle] == prediction[:through_needle]
     assert ask(ragged, sample) == prediction, "asking must leave the ragged cache as it was"
     # the ragged cache really holds half; the masked reference (kvpress's layout) holds everything
     assert ragged.nbytes() / full_ctx.nbytes() == pytest.approx(0.5, abs=0.01)

@@ -268,7 +268,9 @@ class _CompressionHooks:
         self.press, self.layout, self.modules, self.recorder = press, layout, modules, recorder
         self.whole_prefill, self.side, self.budget = whole_prefill, side, budget
         self.depth = 0  # nested forwards (lookahead decoding inside the hooks) are curdkv's own
-        self.handled: dict[int, int] = {}  # layer -> tokens per head it holds after the hook
+        # Layers the hooks compressed in this forward: the tokens per head each holds under a
+        # decode budget, else None.
+        self.handled: dict[int, int | None] = {}
 
     def failure(self, layer_idx: int, reason: str) -> RuntimeError:
         return RuntimeError(
@@ -313,7 +315,7 @@ class _CompressionHooks:
         else:
             compressed = compress_layer(self.press, keys, values, queries, module, idx, self.layout)
         cache.layers[idx] = compressed
-        self.handled[idx] = -1
+        self.handled[idx] = None
 
     def after_forward(self, model, args, kwargs, output) -> None:
         try:
@@ -348,7 +350,7 @@ class _CompressionHooks:
         )
         for i, layer in enumerate(capture.build_cache(self.press, self.layout).layers):
             cache.layers[i] = layer
-            self.handled[i] = -1
+            self.handled[i] = None
 
     def verify(self) -> None:
         """Raise if a layer that ran a first prefill (or, with a decode budget, any layer) was left as it was."""
