@@ -383,3 +383,69 @@ def test_triton_ragged_generation_equals_masked_reference_on_cuda(arch_name, pre
     ragged, masked = capture.build_cache(press), capture.build_cache(press, "masked")
     assert ragged.layers[0].context_keys.is_cuda
     assert greedy(model, ids, ragged, 12) == greedy(model, ids, masked, 12)
+
+
+# --------------------------------------------------------------------------- wrappers hand every trait on
+
+
+class _ProbePress(curdkv.presses.base.WindowPress):
+    """A press whose every trait differs from Press's defaults."""
+
+    needs_full_prefill = True
+    scores_depend_on_ratio = True
+    calibrates = True
+    scores_comparable_across_heads = True
+
+    @property
+    def protected_sinks(self) -> int:
+        return 3
+
+    @property
+    def lookahead_tokens(self) -> int:
+        return 5
+
+    def layer_keep(self, seq_len, layer_idx, num_layers):
+        return 7 + layer_idx + int(10 * self.compression_ratio)
+
+    def layer_keeps(self, scores, seq_len):
+        return [11 + int(10 * self.compression_ratio)] * len(scores)
+
+
+@pytest.mark.parametrize("wrap", [lambda p: AdaKV(p, alpha=0.3), lambda p: curdkv.ChunkKVPress(0.5, press=p)],
+                         ids=["AdaKV", "ChunkKV"])
+def test_every_wrapper_hands_on_every_trait_it_does_not_set_itself(wrap):
+    from curdkv.presses.base import TRAITS, WrapperPress
+
+    inner = _ProbePress(compression_ratio=0.5, window_size=9)
+    wrapper = wrap(inner)
+    assert isinstance(wrapper, WrapperPress)
+    assert set(wrapper.own_traits) <= set(TRAITS)
+    for trait in TRAITS:
+        if trait in wrapper.own_traits:
+            assert trait in vars(type(wrapper)), f"{type(wrapper).__name__} sets {trait} but does not define it"
+        else:
+            assert getattr(wrapper, trait) == getattr(inner, trait), trait
+    assert wrapper.protected_recent == 9 and wrapper.query_window == 9 and wrapper.lookahead_tokens == 5
+    # Budgets come from the wrapped press at the wrapper's ratio.
+    assert wrapper.layer_keep(100, 2, 4) == inner.layer_keep(100, 2, 4) == 14
+    assert wrapper.layer_keeps([None] * 3, 100) == [16] * 3
+
+
+def test_chunkkv_over_pyramidkv_keeps_its_layer_budgets(tiny_models):
+    """ChunkKV used to drop its base's budgets: every layer got the uniform one."""
+    model = tiny_models("tiny-llama", torch.float32)
+    ids = random_ids(256, seed=14)
+    chunked = curdkv.ChunkKVPress(0.5, chunk_size=8, press=curdkv.presses.PyramidKVPress(window_size=16))
+    pyramid = [curdkv.presses.PyramidKVPress(0.5, window_size=16).layer_keep(256, i, 2) for i in range(2)]
+    assert pyramid[0] != pyramid[1]
+    assert [chunked.layer_keep(256, i, 2) for i in range(2)] == pyramid
+    live = curdkv.CompressedCache()
+    with curdkv.compress(model, chunked, layout="dense"):
+        forward_with_cache(model, live, input_ids=ids, use_cache=True)
+    assert [layer.stored_length for layer in live.layers] == pyramid
+
+
+@pytest.mark.parametrize("base", [lambda: AdaCurDKV(0.5), lambda: curdkv.presses.LAVaPress()], ids=["AdaCurDKV", "LAVa"])
+def test_chunkkv_refuses_a_head_adaptive_base(base):
+    with pytest.raises(ValueError, match="ChunkKV keeps the same chunks in every head"):
+        curdkv.ChunkKVPress(0.5, press=base())

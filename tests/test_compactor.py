@@ -587,7 +587,7 @@ def test_nll_ratio_is_one_without_compression_and_measured_with_it():
     assert math.isfinite(measured) and measured > 0 and measured != 1.0
     with pytest.raises(ValueError, match="answer_ids"):
         nll_ratio(model, CompactorPress(0.5), context, torch.zeros(2, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="press must be a curdkv Press"):
+    with pytest.raises(TypeError, match="press must be a curdkv Press"):
         nll_ratio(model, None, context, answer)
 
 

@@ -32,7 +32,7 @@ def check_max_cache_tokens(press: Press, max_cache_tokens) -> int:
             f"max_cache_tokens must be an integer > {protected} (the press protects num_sinks="
             f"{press.protected_sinks} + window={press.protected_recent} tokens), got {max_cache_tokens!r}"
         )
-    if getattr(press, "head_adaptive", False):
+    if press.head_adaptive:
         raise ValueError(
             f"max_cache_tokens needs a press with one budget for every head; {press.name!r} is head-adaptive"
         )

@@ -23,7 +23,7 @@ from .attention import QueryRecorder, recording_queries, using_curdkv_attention
 from .overlap import SideStream, empty_head_message, first_problem, layer_problems
 from .cache import CompressedCache, CompressedLayer
 from .kernels.common import on_kernel_device
-from .presses.base import ALL_QUERIES, Press, ScoringView, check_choice, check_int
+from .presses.base import ALL_QUERIES, Press, ScoringView, check_choice, check_int, check_press
 from .ragged_layer import MaskedLayer, RaggedLayer
 from .selection import NaNScores, gather_kv_tokens, select_adaptive, select_uniform
 from .transformers_compat import TESTED_TRANSFORMERS, TRANSFORMERS_VERSION, find_cache, forward_with_cache
@@ -58,12 +58,6 @@ def check_model(model) -> None:
         raise ValueError(f"unsupported model class {type(model).__name__}: expected model.model.layers")
 
 
-def check_press(press) -> Press:
-    if not isinstance(press, Press):
-        raise TypeError(f"press must be a curdkv Press (e.g. curdkv.CurDKVPress()), got {type(press).__name__}")
-    return press
-
-
 LAYOUTS = ("dense", "ragged", "masked")
 
 
@@ -96,7 +90,7 @@ def compress_states(press: Press, keys, values, queries, module, layer_idx: int)
 
 
 def is_head_adaptive(press: Press) -> bool:
-    return bool(getattr(press, "head_adaptive", False))
+    return bool(press.head_adaptive)
 
 
 def fast_ragged(keys: torch.Tensor) -> bool:

@@ -26,6 +26,13 @@ def kept_count(seq_len: int, compression_ratio: float) -> int:
     return max(seq_len - removed, min(seq_len, 1))
 
 
+def check_alpha(alpha) -> float:
+    """AdaKV's safeguard share: a number in [0, 1], returned as a float."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a float in [0, 1], got {alpha!r}")
+    return float(alpha)
+
+
 def check_budget(seq_len: int, n_keep: int, sinks: int, recent: int) -> None:
     """Raise a clear error when the context cannot honour the protected tokens."""
     if seq_len == 0:
@@ -123,9 +130,7 @@ def select_adaptive(
     selection exactly. On CUDA with Triton: :func:`adaptive_by_kernels` (ties
     go to the earlier token); elsewhere ``torch.topk`` (ties unspecified).
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be a float in [0, 1], got {alpha!r}")
-    safeguard = int(alpha * n_keep + 1e-9)
+    safeguard = int(check_alpha(alpha) * n_keep + 1e-9)
     if topk_available(scores):
         _check_shape_budget_nan(scores, n_keep, sinks, recent, check_nan)
         return adaptive_by_kernels(scores, n_keep, safeguard, sinks, recent)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from .base import Press, ScoringView
+from ..selection import check_alpha
+from .base import Press, ScoringView, WrapperPress, check_press
 from .chunkkv import ChunkKVPress
 from .curdkv import CurDKVPress
 from .snapkv import SnapKVPress
 
 
-class AdaKV(Press):
+class AdaKV(WrapperPress):
     """AdaKV (Feng et al. 2024, arXiv 2407.11550), in the form the CurDKV paper uses.
 
     Wraps ``press`` and keeps its scores, but instead of every KV head
@@ -32,10 +33,12 @@ class AdaKV(Press):
     """
 
     head_adaptive = True
+    scores_comparable_across_heads = True
+    alpha = 0.2
+    own_traits = ("head_adaptive", "scores_comparable_across_heads", "alpha")
 
     def __init__(self, press: Press, alpha: float = 0.2):
-        if not isinstance(press, Press):
-            raise TypeError(f"press must be a curdkv Press (e.g. curdkv.CurDKVPress()), got {type(press).__name__}")
+        check_press(press)
         if isinstance(press, (AdaKV, ChunkKVPress)):
             raise ValueError(
                 f"press must score single tokens; {type(press).__name__} cannot be made head-adaptive "
@@ -46,10 +49,8 @@ class AdaKV(Press):
                 f"press must have scores comparable across heads for AdaKV; {type(press).__name__}'s are not "
                 "(use CurDKVPress or SnapKVPress)"
             )
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be a float in [0, 1], got {alpha!r}")
         self.press = press
-        self.alpha = float(alpha)
+        self.alpha = check_alpha(alpha)
 
     @property
     def compression_ratio(self) -> float:  # type: ignore[override]
@@ -59,40 +60,8 @@ class AdaKV(Press):
     def name(self) -> str:
         return "ada" + self.press.name
 
-    scores_comparable_across_heads = True
-
-    @property
-    def protected_sinks(self) -> int:
-        return self.press.protected_sinks
-
-    @property
-    def protected_recent(self) -> int:
-        return self.press.protected_recent
-
-    @property
-    def query_window(self) -> int:
-        return self.press.query_window
-
-    @property
-    def needs_full_prefill(self) -> bool:  # type: ignore[override]
-        return self.press.needs_full_prefill
-
-    @property
-    def lookahead_tokens(self) -> int:
-        return self.press.lookahead_tokens
-
-    @property
-    def scores_depend_on_ratio(self) -> bool:  # type: ignore[override]
-        return self.press.scores_depend_on_ratio
-
     def score(self, view: ScoringView):
         return self.press.score(view)
-
-    def layer_keep(self, seq_len: int, layer_idx: int, num_layers: int) -> int:
-        return self.press.layer_keep(seq_len, layer_idx, num_layers)
-
-    def layer_keeps(self, scores, seq_len: int) -> list[int]:
-        return self.press.layer_keeps(scores, seq_len)
 
     def with_ratio(self, compression_ratio: float) -> "AdaKV":
         clone = object.__new__(type(self))

@@ -111,6 +111,11 @@ class Press:
 
     scores_comparable_across_heads = False
 
+    # Head-adaptive presses share a layer's budget across its KV heads (AdaKV's selection, with
+    # each head first keeping its own top ``alpha`` share of the mean budget); the cache is ragged.
+    head_adaptive = False
+    alpha = 0.0
+
     def __post_init__(self) -> None:
         r = self.compression_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 <= r < 1.0) or math.isnan(r):
@@ -190,6 +195,56 @@ class Press:
     def describe(self) -> str:
         params = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.init)
         return f"{type(self).__name__}({params})"
+
+
+# What the runtime reads of a press besides its scores: a wrapper hands each on from the press it wraps,
+# unless it declares the trait its own (WrapperPress.own_traits).
+TRAITS = ("protected_sinks", "protected_recent", "query_window", "needs_full_prefill", "lookahead_tokens",
+          "scores_depend_on_ratio", "calibrates", "scores_comparable_across_heads", "head_adaptive", "alpha")
+
+
+class WrapperPress(Press):
+    """A press that scores through another (``self.press``) and changes how its scores are used.
+
+    Every trait in :data:`TRAITS` and the budgets (:meth:`layer_keep`,
+    :meth:`layer_keeps`) come from the wrapped press at this press's ratio, so
+    a wrapper never drops one (a wrapped LAVa keeps its layer budgets, a
+    wrapped Lookahead Q-Cache its pseudo queries). A subclass that sets a trait
+    itself defines it as a class attribute and names it in ``own_traits``.
+    """
+
+    press: Press
+    own_traits: tuple[str, ...] = ()
+
+    def wrapped_at_ratio(self) -> Press:
+        """The wrapped press at this press's compression ratio (what its budgets are computed at)."""
+        if self.press.compression_ratio == self.compression_ratio:
+            return self.press
+        return self.press.with_ratio(self.compression_ratio)
+
+    def layer_keep(self, seq_len: int, layer_idx: int, num_layers: int) -> int:
+        return self.wrapped_at_ratio().layer_keep(seq_len, layer_idx, num_layers)
+
+    def layer_keeps(self, scores: list[torch.Tensor], seq_len: int) -> list[int]:
+        return self.wrapped_at_ratio().layer_keeps(scores, seq_len)
+
+    def calibrated_ratio(self, capture, tolerance: float) -> float:
+        return self.press.calibrated_ratio(capture, tolerance)
+
+
+def _delegated(trait: str) -> property:
+    return property(lambda self: getattr(self.press, trait), doc=f"The wrapped press's ``{trait}``.")
+
+
+for _trait in TRAITS:
+    setattr(WrapperPress, _trait, _delegated(_trait))
+
+
+def check_press(press) -> Press:
+    """``press`` must be a curdkv press instance (what every entry point and wrapper takes)."""
+    if not isinstance(press, Press):
+        raise TypeError(f"press must be a curdkv Press (e.g. curdkv.CurDKVPress()), got {type(press).__name__}")
+    return press
 
 
 @dataclass

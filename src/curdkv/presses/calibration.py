@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Press, check_float
+from .base import Press, check_float, check_press
 from ..transformers_compat import forward_with_cache
 
 # |b| of the calibration curve is clamped here: at 60 the curve is already
@@ -239,8 +239,7 @@ def nll_ratio(model, press: Press, context_ids: torch.Tensor, answer_ids: torch.
     answer's tokens are scored, averaged over tokens and batch. This measures
     the training triples of :func:`fit_calibration`.
     """
-    if not isinstance(press, Press):
-        raise ValueError(f"press must be a curdkv Press, got {type(press).__name__}")
+    check_press(press)
     _check_ids("context_ids", context_ids)
     _check_ids("answer_ids", answer_ids, context_ids.shape[0])
     follow = answer_ids

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import Press, ScoringView, check_int
+from .base import Press, ScoringView, WrapperPress, check_int, check_press
 from .snapkv import SnapKVPress
 
 
 @dataclass
-class ChunkKVPress(Press):
+class ChunkKVPress(WrapperPress):
     """ChunkKV (Liu et al. 2025, arXiv 2502.00299).
 
     Tokens are grouped in consecutive chunks of ``chunk_size``; a chunk's score
@@ -24,31 +24,28 @@ class ChunkKVPress(Press):
     plain per-head top-k keeps the top chunks whole and, when the budget is not
     a multiple of ``chunk_size``, the leading tokens of the next chunk.
     Differences from the paper: no layer-wise index reuse; the base press's
-    protected tokens stay protected.
+    protected tokens stay protected, and its budgets (LAVa's or PyramidKV's
+    per layer) are taken at ChunkKV's ratio.
     """
 
     chunk_size: int = 10
     press: Press = field(default_factory=SnapKVPress)
 
+    # Every head keeps the same chunks: chunk scores are one ranking shared by all heads.
     scores_comparable_across_heads = True
+    head_adaptive = False
+    alpha = 0.0
+    own_traits = ("scores_comparable_across_heads", "head_adaptive", "alpha")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("chunk_size", self.chunk_size, 1)
-        if not isinstance(self.press, Press):
-            raise TypeError(f"press must be a curdkv Press, got {type(self.press).__name__}")
-
-    @property
-    def protected_sinks(self) -> int:
-        return self.press.protected_sinks
-
-    @property
-    def protected_recent(self) -> int:
-        return self.press.protected_recent
-
-    @property
-    def query_window(self) -> int:
-        return self.press.query_window
+        check_press(self.press)
+        if self.press.head_adaptive:
+            raise ValueError(
+                f"press must give every head one budget; ChunkKV keeps the same chunks in every head, "
+                f"so the head-adaptive {self.press.name!r} cannot be its base"
+            )
 
     def score(self, view: ScoringView) -> torch.Tensor:
         base = self.press.score(view).float()  # [B, H_kv, N]

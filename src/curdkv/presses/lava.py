@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..selection import check_budget, kept_count
+from ..selection import check_alpha, check_budget, kept_count
 from .base import ScoringView, WindowPress, check_odd_kernel
 from .snapkv import window_attention_mean
 
@@ -85,10 +85,7 @@ class LAVaPress(WindowPress):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_odd_kernel("kernel_size", self.kernel_size)
-        a = self.alpha
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
-            raise ValueError(f"alpha must be a float in [0, 1], got {a!r}")
-        self.alpha = float(a)
+        self.alpha = check_alpha(self.alpha)
 
     @property
     def name(self) -> str:
