@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from .data import needle_words
 from .ruler_data import QASet, common_words, essays, hotpotqa, squad
+from .sizing import fit_size
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,6 @@ class VariableTracking(Family):
     noise = NOISE + "\n"
 
     def __init__(self, args: dict, seed: int, length: int, count: Counter):
-        from .ruler import fit_size  # the same search as the samples'
 
         self.num_chains, self.num_hops = args["num_chains"], args["num_hops"]
         t = TEMPLATES["variable_tracking"]

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Protocol
 
 import torch
 
-from ..ragged import RaggedKV
 from .common import next_pow2, tl, triton
 
 # Tuned on an H100 (benchmarks/ragged_decode_kernel.py --sweep, Llama-3.1-8B
@@ -243,7 +243,22 @@ def plan_splits(total_tokens: int, max_length: int, m_tiles: int, sm_count: int,
     return chunk, splits
 
 
-def ragged_attention_triton(query: torch.Tensor, kv: RaggedKV, scaling: float | None = None, *,
+class RaggedLayout(Protocol):
+    """What the kernel reads of a ragged layer (:class:`curdkv.ragged.RaggedKV` is one): each
+    (batch, head) row's kept keys/values flattened, its offsets and lengths, and a dense tail."""
+
+    keys: torch.Tensor  # [sum of lengths, D]
+    values: torch.Tensor
+    offsets: torch.Tensor  # [B * H_kv + 1] int64, on the device
+    lengths: torch.Tensor  # [B, H_kv] int64, on the CPU
+    tail_keys: torch.Tensor  # [B, H_kv, t, D]
+    tail_values: torch.Tensor
+    num_kv_heads: int
+    tail_length: int
+    max_length: int
+
+
+def ragged_attention_triton(query: torch.Tensor, kv: RaggedLayout, scaling: float | None = None, *,
                             block_n: int | None = None, num_warps: int | None = None,
                             num_stages: int | None = None, programs_per_sm: int | None = None,
                             min_tokens_per_split: int | None = None) -> torch.Tensor:
