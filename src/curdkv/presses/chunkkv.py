@@ -24,8 +24,9 @@ class ChunkKVPress(WrapperPress):
     plain per-head top-k keeps the top chunks whole and, when the budget is not
     a multiple of ``chunk_size``, the leading tokens of the next chunk.
     Differences from the paper: no layer-wise index reuse; the base press's
-    protected tokens stay protected, and its budgets (LAVa's or PyramidKV's
-    per layer) are taken at ChunkKV's ratio.
+    protected tokens stay protected, and its budgets (PyramidKV's per layer)
+    are taken at ChunkKV's ratio; a head-adaptive base is refused, since
+    every head keeps the same chunks.
     """
 
     chunk_size: int = 10
