@@ -66,11 +66,6 @@ def offsets_from_lengths(lengths: torch.Tensor, device=None) -> torch.Tensor:
     return offsets.to(device if device is not None else lengths.device)
 
 
-def pack(states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Rows of ``states [B, H, N, D]`` where ``keep [B, H, N]`` is true, flattened in (b, h, n) order."""
-    return states[keep]
-
-
 def unpack_padded(kv: RaggedKV, which: str = "keys"):
     """The ragged context padded to ``[B, H_kv, L_max, D]`` plus a boolean validity mask ``[B, H_kv, L_max]``."""
     flat = kv.keys if which == "keys" else kv.values

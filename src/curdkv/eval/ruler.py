@@ -90,14 +90,6 @@ METRICS = ("string_match_all", "string_match_part")
 _MAX_SKIPPED = 200  # qa: consecutive questions that do not fit before the length is declared too small
 
 
-def task_metric(task: str) -> str:
-    return TEMPLATES[TASK_ARGS[_check_task(task)][0]].metric
-
-
-def task_max_new_tokens(task: str) -> int:
-    return TEMPLATES[TASK_ARGS[_check_task(task)][0]].tokens_to_generate
-
-
 def _check_task(task) -> str:
     if task not in TASK_ARGS:
         raise ValueError(f"task must be one of {list(RULER_TASKS)}, got {task!r}")

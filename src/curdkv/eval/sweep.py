@@ -251,6 +251,3 @@ def merge_ranks(out_dir) -> Path:
         path.unlink()
     return target
 
-
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
