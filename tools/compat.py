@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import subprocess
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({
         "suites": list(suites), "python": platform.python_version(), "machine": platform.machine(),
+        "platform": platform.platform(), "cpus": os.cpu_count(),
         "constraints": (ROOT / "constraints.txt").read_text().splitlines(), "rows": rows,
     }, indent=2) + "\n")
     ok = all(row["returncode"] == 0 and row["failed"] == 0 and row["transformers"] == row["release"] for row in rows)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .batched import stack_caches
 from .context import answer_greedily, prefill_capture
 from .eval.needle import answered, needle_samples
-from .models import load_model
+from .models import dtype_name, load_model
 from .presses import get_press
 from .report import markdown_table
 
@@ -107,7 +107,7 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> list[dict]:
             "answers": stats[(method, ratio)]["answers"],
             "prefill_seconds": prefill_seconds / n,
             "model": settings.model,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "dtype": dtype_name(model),
             "context_tokens": settings.context_tokens,
         }
         for method, ratio, _ in configs

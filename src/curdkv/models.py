@@ -163,9 +163,16 @@ def default_dtype(device) -> torch.dtype:
     where it has AVX2 only, bfloat16 matmuls ran about 7x slower than float32
     (1.8 vs 12.2 GFLOP/s on one core) and the same demo took 9 minutes.
     """
-    on_cpu = device == "cpu" or (isinstance(device, torch.device) and device.type == "cpu") or (
-        device is None and not torch.cuda.is_available())
-    return torch.float32 if on_cpu else torch.bfloat16
+    if device is None:
+        on_gpu = torch.cuda.is_available()
+    else:  # "auto" spreads the model over the GPUs
+        on_gpu = device == "auto" or torch.device(device).type != "cpu"
+    return torch.bfloat16 if on_gpu else torch.float32
+
+
+def dtype_name(model) -> str:
+    """The dtype a loaded model runs in, as records name it (``"float32"``, ``"bfloat16"``...)."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
 def _resolve_dtype(dtype, device) -> torch.dtype:

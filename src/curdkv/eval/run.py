@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..environment import environment
-from ..models import load_model
+from ..models import dtype_name, load_model
 from .results import write_outputs
 from .sample import EvalSample, read_samples, write_samples
 from .sweep import Config, Sweep, distributed_rank, merge_ranks, read_predictions
@@ -125,7 +125,7 @@ def run_eval(
     settings = {
         "family": family.name, "model": model_name, **family.params,
         "configs": [[c.label, c.ratio] for c in configs], "averages": family.averages,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": dtype_name(model),
         "device": str(device), "world_size": world, "samples": len(samples), "environment": environment(),
     }
     (out_dir / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")

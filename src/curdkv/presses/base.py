@@ -208,7 +208,7 @@ class WrapperPress(Press):
 
     Every trait in :data:`TRAITS` and the budgets (:meth:`layer_keep`,
     :meth:`layer_keeps`) come from the wrapped press at this press's ratio, so
-    a wrapper never drops one (a wrapped LAVa keeps its layer budgets, a
+    a wrapper never drops one (a wrapped PyramidKV keeps its layer budgets, a
     wrapped Lookahead Q-Cache its pseudo queries). A subclass that sets a trait
     itself defines it as a class attribute and names it in ``own_traits``.
     """
