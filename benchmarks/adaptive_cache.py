@@ -18,7 +18,7 @@ import torch
 
 import curdkv
 from curdkv.bench.timing import decode_seconds_per_token as decode, timer
-from curdkv.environment import environment
+from curdkv.report import environment
 from curdkv.report import markdown_table
 
 

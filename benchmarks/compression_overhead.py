@@ -11,7 +11,7 @@ host synchronisations count as the idle time they cause) and ``wall`` the
 call timed alone, which for many small launches is the host's launch time.
 On CUDA, each configuration is also queued on a second stream beside one
 layer's causal attention over the same context, as an overlapped prefill
-does (:mod:`curdkv.overlap`): ``added_ms`` is what it adds to the attention.
+does (:mod:`curdkv.runtime.overlap`): ``added_ms`` is what it adds to the attention.
 
     python benchmarks/compression_overhead.py --out results/compression_overhead.json
 """
@@ -26,11 +26,12 @@ import torch
 
 import curdkv
 from curdkv.bench.timing import copy_bandwidth, device_seconds, gpu_time, median_seconds, overlapped_seconds
-from curdkv.environment import environment
+from curdkv.report import environment
 from curdkv.kernels import leverage
 from curdkv.presses.base import ScoringView
-from curdkv.runtime import compress_layer
-from curdkv.selection import gather_kv_tokens, gather_tokens, in_context_order, kept_count, protect, select_uniform
+from curdkv.runtime.layer import compress_layer
+from curdkv.cache.gather import gather_kv_tokens, gather_tokens
+from curdkv.selection import in_context_order, kept_count, protect, select_uniform
 
 
 # One Llama-3.1-8B layer at batch 1: batch, KV heads, query heads, head size.
@@ -138,7 +139,7 @@ def main(argv=None) -> None:
     idx = select_uniform(scores, n_keep, 4, 0)
     stages["gather K and V 50% (torch.gather)"] = ms(lambda: (gather_tokens(keys, idx), gather_tokens(values, idx)))
     stages["gather K and V 50% (kernel)"] = ms(lambda: gather_kv_tokens(keys, values, idx))
-    from curdkv.presses.snapkv import window_attention, window_attention_mean
+    from curdkv.presses.window import window_attention, window_attention_mean
     wview = ScoringView(keys=keys, values=values, queries=queries, module=module, layer_idx=0)
     stages["snapkv window attention mean (fused)"] = ms(lambda: window_attention_mean(wview, 64))
     stages["snapkv window attention mean (plain)"] = ms(lambda: window_attention(wview, 64)[..., : n - 64].mean(2))

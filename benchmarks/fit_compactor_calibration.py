@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 
 import curdkv
-from curdkv.attention import using_curdkv_attention
+from curdkv.attention.function import using_curdkv_attention
 from curdkv.context import encode_context, encode_question
-from curdkv.environment import environment
+from curdkv.report import environment
 from curdkv.transformers_compat import forward_with_cache
 from curdkv.eval.sample import read_samples
 from curdkv.presses import CompactorPress
-from curdkv.presses.calibration import context_nll_from_hidden, fit_calibration
+from curdkv.runtime.nll import context_nll_from_hidden
+from curdkv.presses.calibration import fit_calibration
 
 RETENTIONS = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 

@@ -21,8 +21,8 @@ import torch
 
 import curdkv
 from curdkv.bench.timing import _sleep_cycles_per_second, device_seconds, median_seconds
-from curdkv.environment import environment
-from curdkv.runtime import compress_layer
+from curdkv.report import environment
+from curdkv.runtime.layer import compress_layer
 from compression_overhead import llama_layer
 
 

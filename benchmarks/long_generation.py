@@ -21,9 +21,9 @@ import time
 import torch
 
 import curdkv
-from curdkv.environment import environment
+from curdkv.report import environment
 from curdkv.presses import get_press
-from curdkv.runtime import attention_modules
+from curdkv.runtime.model import attention_modules
 from curdkv.transformers_compat import find_cache
 
 PROMPT = (

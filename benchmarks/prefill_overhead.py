@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 import curdkv
 from curdkv.bench.timing import timer
-from curdkv.environment import environment
+from curdkv.report import environment
 from curdkv.transformers_compat import forward_with_cache
 
 

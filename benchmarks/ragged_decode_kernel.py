@@ -29,9 +29,9 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from curdkv.environment import environment
+from curdkv.report import environment
 from curdkv.kernels.ragged_attention import default_config, plan_splits, ragged_attention_triton, triton_available
-from curdkv.ragged import RaggedKV, offsets_from_lengths
+from curdkv.cache.ragged import RaggedKV, offsets_from_lengths
 from curdkv.report import markdown_table
 
 # Footprint that the rotated copies together exceed, so reads come from HBM, not L2 (50 MiB on H100).

@@ -27,7 +27,7 @@ import torch
 
 import curdkv
 from curdkv.context import answer_greedily
-from curdkv.environment import environment
+from curdkv.report import environment
 from curdkv.eval.ruler import score_sample
 from curdkv.eval.sample import read_samples
 from curdkv.eval.sweep import FULL, Sweep, read_predictions, sweep_configs

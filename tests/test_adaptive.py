@@ -7,9 +7,9 @@ import torch
 
 import curdkv
 from curdkv import AdaCurDKV, AdaKV, AdaSnapKV, CurDKVPress, MaskedLayer, RaggedLayer
-from curdkv.attention import using_curdkv_attention
+from curdkv.attention.function import using_curdkv_attention
 from curdkv.presses import ChunkKVPress, KNormPress, SnapKVPress, StreamingLLMPress
-from curdkv.runtime import compress_layer
+from curdkv.runtime.layer import compress_layer
 from curdkv.selection import select_adaptive, select_uniform
 
 from conftest import DTYPES, random_ids
@@ -327,7 +327,7 @@ def capture_short(model):
 
 
 def test_stack_caches_converts_dense_full_and_ragged():
-    from curdkv.batched import stack_caches
+    from curdkv.cache.stack import stack_caches
 
     model = curdkv.load_model("random:tiny-qwen2", dtype=torch.float32, device="cpu")[0]
     ids = random_ids(200, seed=10)
@@ -345,7 +345,7 @@ def test_stack_caches_converts_dense_full_and_ragged():
 
 def test_stack_caches_of_one_length_stay_dense_and_decode_as_each_alone():
     """Uniform presses at one ratio stack on the batch dimension; each row decodes as its cache alone."""
-    from curdkv.batched import stack_caches
+    from curdkv.cache.stack import stack_caches
 
     model = curdkv.load_model("random:tiny-llama", dtype=torch.float32, device="cpu")[0]
     capture = curdkv.capture_prefill(model, random_ids(200, seed=12))
@@ -355,7 +355,7 @@ def test_stack_caches_of_one_length_stay_dense_and_decode_as_each_alone():
     assert all(type(layer) is curdkv.CompressedLayer and layer.keys.shape[0] == 4 for layer in stacked.layers)
     assert stacked.get_seq_length() == 200
     question = random_ids(5, seed=13)
-    with curdkv.attention.using_curdkv_attention(model):
+    with curdkv.attention.function.using_curdkv_attention(model):
         together = _greedy_rows(model, stacked, question.expand(4, -1), 200)
         alone = torch.cat([_greedy_rows(model, c, question, 200) for c in caches])
     assert torch.equal(together, alone)
@@ -388,7 +388,7 @@ def test_triton_ragged_generation_equals_masked_reference_on_cuda(arch_name, pre
 # --------------------------------------------------------------------------- wrappers hand every trait on
 
 
-class _ProbePress(curdkv.presses.base.WindowPress):
+class _ProbePress(curdkv.presses.window.WindowPress):
     """A press whose every trait differs from Press's defaults."""
 
     needs_full_prefill = True

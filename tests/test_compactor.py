@@ -16,19 +16,14 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 import curdkv
-from curdkv.cache import CompressedCache
+from curdkv.cache.dense import CompressedCache
 from curdkv.models import random_config
 from curdkv.presses import AdaKV, ScoringView
 from curdkv.presses import compactor as compactor_module
 from curdkv.presses.base import ALL_QUERIES
-from curdkv.presses.calibration import (
-    CalibrationCurve,
-    calibrated_ratio,
-    context_nll,
-    context_nll_from_hidden,
-    fit_calibration,
-    nll_ratio,
-)
+from curdkv.presses.calibration import CalibrationCurve, calibrated_ratio, fit_calibration
+from curdkv.runtime.nll import context_nll, context_nll_from_hidden
+from curdkv.eval.calibration import nll_ratio
 from curdkv.presses.compactor import (
     CompactorPress,
     approximate_leverage,
@@ -609,16 +604,15 @@ def test_press_calibrates_from_a_capture_on_a_tiny_model():
     assert press.calibrates and not CompactorPress(0.0).calibrates
     ids = random_ids(140, seed=24)
     nll = context_nll(model, ids)
-    chosen = [press.calibrated_ratio(SimpleNamespace(context_nll=nll), t) for t in (0.001, 0.01, 0.05, 0.2, 0.5)]
+    chosen = [press.calibrated_ratio(nll, t) for t in (0.001, 0.01, 0.05, 0.2, 0.5)]
     assert all(0.0 <= c < 1.0 for c in chosen)
     assert all(a <= b for a, b in zip(chosen, chosen[1:]))
     assert chosen == [calibrated_ratio(curve, nll, t) for t in (0.001, 0.01, 0.05, 0.2, 0.5)]
-    # Without a recorded NLL, the capture's ids and model give the same ratio (one more forward pass).
-    assert press.calibrated_ratio(SimpleNamespace(input_ids=ids, model=model), 0.05) == chosen[2]
-    # The runtime's capture keeps the ids and the model: the same ratio from it.
-    assert press.calibrated_ratio(curdkv.capture_prefill(model, ids, query_window=ALL_QUERIES), 0.05) == chosen[2]
-    # Without either, the error says what is missing.
+    # The runtime's capture keeps the ids and the model and measures the NLL: the same ratio from it.
+    capture = curdkv.capture_prefill(model, ids, query_window=ALL_QUERIES)
+    assert press.calibrated_ratio(capture.context_nll, 0.05) == chosen[2]
+    # Without an NLL, the error says what is missing.
     with pytest.raises(ValueError, match="context_nll"):
-        press.calibrated_ratio(SimpleNamespace(model=model), 0.05)
+        press.calibrated_ratio(None, 0.05)
     with pytest.raises(ValueError, match="fitted curve"):
-        CompactorPress(0.0).calibrated_ratio(SimpleNamespace(context_nll=nll), 0.05)
+        CompactorPress(0.0).calibrated_ratio(nll, 0.05)

@@ -15,7 +15,7 @@ from packaging.version import Version
 from transformers import Cache
 
 import curdkv
-from curdkv.cache import CompressedCache
+from curdkv.cache.dense import CompressedCache
 from curdkv.transformers_compat import (
     TESTED_TRANSFORMERS,
     cache_keyword,

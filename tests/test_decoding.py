@@ -45,7 +45,7 @@ def test_cache_stays_at_max_cache_tokens_through_generation(model, press, cap):
 def test_streaming_keeps_sinks_and_the_most_recent_tokens(model):
     press, cap = StreamingLLMPress(num_sinks=4), 32
     budget_holder = {}
-    from curdkv import decoding
+    from curdkv.runtime import decoding
 
     original = decoding.DecodeBudget.__init__
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import curdkv
-from curdkv.demo import DemoSettings, format_results, ratio_groups, run_demo
+from curdkv.cli.demo import DemoSettings, format_results, ratio_groups, run_demo
 from curdkv.eval.needle import needle_samples
 from curdkv.models import default_dtype
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.real_model
 
 def test_demo_answers_each_configuration_as_it_would_be_answered_alone(smollm2, monkeypatch):
     model, tokenizer = smollm2
-    monkeypatch.setattr("curdkv.demo.load_model", lambda *args, **kwargs: (model, tokenizer))
+    monkeypatch.setattr("curdkv.cli.demo.load_model", lambda *args, **kwargs: (model, tokenizer))
     settings = DemoSettings(presses=("full", "curdkv", "snapkv", "streamingllm"), ratios=(0.5, 0.9), samples=1,
                             context_tokens=1024, seed=4)
     records = run_demo(settings, progress=False)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import curdkv
-from curdkv.cli import main as cli_main
+from curdkv.cli.main import main as cli_main
 from curdkv.context import answer_greedily
 from curdkv.eval import sweep as sweep_module
 from curdkv.eval.families import longbench_family, ruler_family
@@ -85,7 +85,8 @@ def test_calibrated_ratios_parse_and_refuse_presses_that_cannot_calibrate():
 
 
 def test_calibrated_config_chooses_ratio_from_the_capture(tiny_models):
-    from curdkv.presses.calibration import CalibrationCurve, calibrated_ratio, context_nll
+    from curdkv.presses.calibration import CalibrationCurve, calibrated_ratio
+    from curdkv.runtime.nll import context_nll
 
     model = tiny_models("tiny-llama", torch.float32)
     ids = torch.randint(3, 200, (1, 150), generator=torch.Generator().manual_seed(0))
@@ -340,7 +341,7 @@ def test_cli_checks_context_lengths_before_loading_a_model(capsys, monkeypatch):
         raise AssertionError("the model was loaded before the arguments were checked")
 
     monkeypatch.setattr("curdkv.eval.run.load_model", no_load)
-    monkeypatch.setattr("curdkv.demo.load_model", no_load)
+    monkeypatch.setattr("curdkv.cli.demo.load_model", no_load)
     for argv, command in [
         (["eval", "ruler", "--presses", "curdkv:num_sinks=100000", "--ratios", "0.5", "--out", "x"], "eval"),
         (["eval", "ruler", "--presses", "snapkv", "--ratios", "0.99", "--lengths", "1024", "--out", "x"], "eval"),

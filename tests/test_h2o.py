@@ -13,7 +13,7 @@ from curdkv.presses import h2o as h2o_module
 from curdkv.presses.adakv import AdaKV
 from curdkv.presses.base import ALL_QUERIES
 from curdkv.presses.h2o import H2OPress, accumulated_attention
-from curdkv.ragged_layer import RaggedLayer
+from curdkv.cache.ragged import RaggedLayer
 from curdkv.selection import kept_count, select_uniform
 
 from conftest import random_ids, tiny_model

@@ -4,7 +4,7 @@ Inside :func:`curdkv.kernels.common.interpreted_on_cpu` CPU tensors take
 the routes that CUDA tensors take (kernel choice, the ragged layout for
 every press, checks queued per layer and read back once, the kernels inside
 presses, selection, gather and ragged decoding), run by Triton's
-interpreter; only the side stream of :mod:`curdkv.overlap` stays CUDA's. The kernels themselves are checked against slow
+interpreter; only the side stream of :mod:`curdkv.runtime.overlap` stays CUDA's. The kernels themselves are checked against slow
 references in ``test_topk_kernel.py``, ``test_measure.py`` and
 ``test_ragged_kernel.py``; these tests check that the library reaches them
 and that they change nothing that the torch routes decide.
@@ -22,7 +22,7 @@ import curdkv.presses.curdkv
 import curdkv.presses.snapkv
 import curdkv.selection
 from curdkv.kernels.common import interpreted_on_cpu, on_kernel_device
-from curdkv.ragged_layer import RaggedLayer
+from curdkv.cache.ragged import RaggedLayer
 from conftest import INTERPRETED, random_ids, tiny_model
 from test_adaptive import greedy
 

@@ -12,7 +12,7 @@ from curdkv.analysis import attention_errors, eviction_study, reconstruction_stu
 from curdkv.analysis.common import full_attention
 from curdkv.analysis.eviction import eviction_errors, spearman
 from curdkv.bench import BenchSettings, run_bench
-from curdkv.cli import main
+from curdkv.cli.main import main
 from curdkv.kernels import leverage
 from curdkv.presses.curdkv import exact_leverage
 from conftest import INTERPRETED, KERNEL_DEVICE, tiny_model
@@ -305,7 +305,7 @@ def test_transformed_norms_refuses_terms_of_the_wrong_shape():
 @pytest.mark.parametrize("n,k,dk,dv", [(200, 70, 32, 16), (1000, 1, 64, 64), (130, 130, 16, 32)])
 def test_gather_kernel_equals_torch_gather(n, k, dk, dv):
     from curdkv.kernels.gather import gather_kv
-    from curdkv.selection import gather_tokens
+    from curdkv.cache.gather import gather_tokens
 
     gen = torch.Generator().manual_seed(n + k)
     keys = torch.randn(2, 3, n, dk, generator=gen).half().to(KERNEL_DEVICE)
@@ -326,7 +326,7 @@ def test_window_attention_kernel_equals_softmax_mean(b, h, h_kv, n, w, d):
 
     from curdkv.kernels.window_attention import window_attention_mean
     from curdkv.presses.base import ScoringView
-    from curdkv.presses.snapkv import window_attention
+    from curdkv.presses.window import window_attention
 
     gen = torch.Generator().manual_seed(n)
     q = torch.randn(b, h, w, d, generator=gen).half()
@@ -588,7 +588,7 @@ def test_gpu_time_sees_when_the_host_is_behind():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU time needs CUDA")
 def test_decode_gpu_time_is_below_wall_time_and_grows_with_the_cache():
     from curdkv.bench.timing import decode_gpu_seconds_per_token, decode_seconds_per_token
-    from curdkv.runtime import capture_prefill
+    from curdkv.runtime.capture import capture_prefill
 
     model, _ = curdkv.load_model("random:tiny-llama", dtype=torch.float16, device="cuda")
     times = {}

@@ -11,7 +11,7 @@ import curdkv
 from curdkv.presses import ScoringView
 from curdkv.presses.adakv import AdaKV
 from curdkv.presses.obcache import OBCachePress
-from curdkv.ragged_layer import RaggedLayer
+from curdkv.cache.ragged import RaggedLayer
 from curdkv.selection import kept_count, select_uniform
 
 from conftest import random_ids, tiny_model

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import curdkv
-from curdkv.overlap import LayerProblems
-from curdkv.ragged import offsets_from_lengths
-from curdkv.ragged_layer import RaggedLayer
-from curdkv.runtime import compress_layer
+from curdkv.runtime.overlap import LayerProblems
+from curdkv.cache.ragged import offsets_from_lengths
+from curdkv.cache.ragged import RaggedLayer
+from curdkv.runtime.layer import compress_layer
 from curdkv.selection import in_context_order
 from conftest import random_ids, tiny_model
 from curdkv.transformers_compat import forward_with_cache
@@ -74,7 +74,7 @@ def test_layer_problems_messages():
 
 
 def test_layer_problems_of_a_uniform_layer_count_nan_only_and_are_read_with_the_others():
-    from curdkv.overlap import first_problem, layer_problems
+    from curdkv.runtime.overlap import first_problem, layer_problems
 
     press = curdkv.KNormPress(compression_ratio=0.5)
     scores = torch.zeros(1, 3, 10)

@@ -23,8 +23,9 @@ from curdkv.presses import (
     SnapKVPress,
     StreamingLLMPress,
 )
-from curdkv.runtime import compress_states
-from curdkv.selection import gather_tokens, kept_count, select_uniform
+from curdkv.runtime.layer import compress_states
+from curdkv.cache.gather import gather_tokens
+from curdkv.selection import kept_count, select_uniform
 
 B, H_KV = 2, 2
 

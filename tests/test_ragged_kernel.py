@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import KERNEL_DEVICE
-from curdkv.ragged import RaggedKV, offsets_from_lengths, ragged_attention_reference
+from curdkv.cache.ragged import RaggedKV, offsets_from_lengths
+from curdkv.attention.reference import ragged_attention_reference
 
 TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 

@@ -61,9 +61,9 @@ def test_pyramidkv_keeps_layer_budgets_in_the_cache(tiny_models):
     snap = SnapKVPress(compression_ratio=0.6, window_size=16)
     capture = curdkv.capture_prefill(model, ids, query_window=16)
     last = len(cache.layers) - 1
-    chosen = curdkv.runtime.select_tokens(press, capture.keys[last], capture.values[last], capture.queries[last],
+    chosen = curdkv.runtime.layer.select_tokens(press, capture.keys[last], capture.values[last], capture.queries[last],
                                           capture.modules[last], last)
-    snap_chosen = curdkv.runtime.select_tokens(snap, capture.keys[last], capture.values[last], capture.queries[last],
+    snap_chosen = curdkv.runtime.layer.select_tokens(snap, capture.keys[last], capture.values[last], capture.queries[last],
                                                capture.modules[last], last, n_keep=expected[last])
     assert torch.equal(chosen, snap_chosen)
 
@@ -157,7 +157,7 @@ def test_lava_is_ragged_and_saves_the_uniform_memory(tiny_models):
     capture = curdkv.capture_prefill(model, ids, query_window=32)
     cache = capture.build_cache(LAVaPress(compression_ratio=0.5))
     uniform = capture.build_cache(SnapKVPress(compression_ratio=0.5, window_size=32), "dense")
-    assert all(isinstance(layer, curdkv.ragged_layer.RaggedLayer) for layer in cache.layers if layer.stored_length < 256)
+    assert all(isinstance(layer, curdkv.cache.ragged.RaggedLayer) for layer in cache.layers if layer.stored_length < 256)
     # Entropy shares round down, so LAVa holds at most the uniform budget, and within a few tokens of it.
     assert uniform.nbytes() * 0.95 <= cache.nbytes() <= uniform.nbytes()
     # The layer-by-layer path (which defers to the end of the prefill) keeps the same tokens.
@@ -189,7 +189,7 @@ def test_lookahead_pseudo_queries_are_the_queries_of_the_greedy_continuation(tin
     ids = torch.randint(3, 200, (1, 120), generator=torch.Generator().manual_seed(4))
     press = LookaheadQCachePress(compression_ratio=0.5, lookahead_tokens=4)
     capture = curdkv.capture_prefill(model, ids, query_window=32)
-    from curdkv.lookahead import pseudo_queries
+    from curdkv.runtime.lookahead import pseudo_queries
 
     pseudo = pseudo_queries(capture, press)
     assert pseudo[0].shape[2] == 4

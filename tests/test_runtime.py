@@ -10,7 +10,8 @@ import transformers
 
 import curdkv
 from curdkv import CompressedCache, CompressedLayer, Press, ScoringView
-from curdkv.attention import _recorders, using_curdkv_attention
+from curdkv.attention.recording import _recorders
+from curdkv.attention.function import using_curdkv_attention
 from curdkv.selection import select_uniform
 
 from conftest import DTYPES, random_ids

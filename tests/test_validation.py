@@ -22,7 +22,7 @@ from curdkv.presses import (
     StreamingLLMPress,
     parse_press_spec,
 )
-from curdkv.runtime import compress_states
+from curdkv.runtime.layer import compress_states
 from curdkv.selection import kept_count, select_uniform
 
 PRESS_CLASSES = [CurDKVPress, SnapKVPress, ChunkKVPress, KNormPress, StreamingLLMPress, RandomPress]
@@ -243,7 +243,7 @@ def test_compress_states_wrong_score_shape():
 
 
 def test_nan_scores_name_the_press_layer_and_heads():
-    from curdkv.runtime import compress_layer
+    from curdkv.runtime.layer import compress_layer
 
     class NaNHead(curdkv.KNormPress):
         def score(self, view):

@@ -5,8 +5,9 @@ value-guided token selection by CUR leverage scores, with the baselines the
 paper compares against.
 """
 
-from .cache import CompressedCache, CompressedLayer, cache_nbytes
-from .ragged_layer import MaskedLayer, RaggedLayer
+from .cache.dense import CompressedCache, CompressedLayer, cache_nbytes
+from .cache.masked import MaskedLayer
+from .cache.ragged import RaggedLayer
 from .context import CompressedContext, prefill, prefill_capture
 from .models import DEFAULT_MODEL, load_model
 from .presses import (
@@ -24,7 +25,8 @@ from .presses import (
     StreamingLLMPress,
     get_press,
 )
-from .runtime import PrefillCapture, capture_prefill, compress
+from .runtime.capture import PrefillCapture, capture_prefill
+from .runtime.hooks import compress
 
 __version__ = "0.1.0"
 

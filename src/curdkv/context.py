@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from .attention import using_curdkv_attention
-from .cache import CompressedCache
-from .runtime import PrefillCapture, attention_modules, capture_prefill, check_press, compress, refuse_inside_compress
+from .attention.function import using_curdkv_attention
+from .cache.dense import CompressedCache
+from .presses.base import Press, check_press
+from .runtime.capture import PrefillCapture, capture_prefill
+from .runtime.hooks import compress
+from .runtime.model import attention_modules, refuse_inside_compress
 from .transformers_compat import forward_with_cache
-from .presses.base import Press
 
 _MARKER = "\x00curdkv-content\x00"
 
@@ -104,7 +106,7 @@ def answer_greedily(
     """Greedy answers to one question for every batch row of ``cache``; the cache is restored afterwards.
 
     Rows may hold different compressions of the same context (see
-    :func:`curdkv.batched.stack_caches`); each stops at its own end token.
+    :func:`curdkv.cache.stack.stack_caches`); each stops at its own end token.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -151,7 +153,7 @@ def prefill(
 ) -> CompressedContext:
     """Prefill ``context`` alone and compress it layer by layer with ``press`` (``None``: keep everything).
 
-    ``layout`` is where kept tokens live (see :func:`curdkv.runtime.compress_layer`);
+    ``layout`` is where kept tokens live (see :func:`curdkv.runtime.layer.compress_layer`);
     the default suits the press (ragged for head-adaptive presses).
 
     >>> ctx = curdkv.prefill(model, tokenizer, long_text, curdkv.CurDKVPress(compression_ratio=0.5))

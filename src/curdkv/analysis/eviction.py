@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime import capture_prefill
+from ..runtime.capture import capture_prefill
 from .common import expand_kv, full_attention
 
 

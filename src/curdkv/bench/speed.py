@@ -24,7 +24,7 @@ Derived columns, with the conventions they rest on:
   GPU measures the host's kernel launches;
 - ``overlapped_overhead_ms_per_layer``: what one layer's compression adds
   when it runs as :func:`curdkv.compress` runs it on CUDA, on a second
-  stream beside the prefill (:mod:`curdkv.overlap`): measured on the middle
+  stream beside the prefill (:mod:`curdkv.runtime.overlap`): measured on the middle
   layer beside compute-bound attention of the last
   ``min(8192, N)`` queries over the context
   (:func:`curdkv.bench.timing.overlapped_seconds`); at short contexts that
@@ -65,14 +65,22 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from ..environment import environment
 from ..models import load_model
 from ..presses import get_press, parse_press_spec
-from ..runtime import attention_modules, capture_prefill, compress, compress_layer
+from ..report import environment
+from ..runtime.capture import capture_prefill
+from ..runtime.hooks import compress
+from ..runtime.layer import compress_layer
+from ..runtime.model import attention_modules
 from ..transformers_compat import forward_with_cache
 from .timing import (
-    copy_bandwidth, decode_gpu_seconds_per_token, decode_seconds_per_token, gpu_time, median_seconds,
-    overlapped_seconds, timer,
+    copy_bandwidth,
+    decode_gpu_seconds_per_token,
+    decode_seconds_per_token,
+    gpu_time,
+    median_seconds,
+    overlapped_seconds,
+    timer,
 )
 
 GOALS = {

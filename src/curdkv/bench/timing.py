@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention import using_curdkv_attention
+from ..attention.function import using_curdkv_attention
 from ..transformers_compat import forward_with_cache
 
 
@@ -132,14 +132,14 @@ def _ahead_of_host(run, cycles: int) -> tuple[float, bool, int]:
 def overlapped_seconds(work, beside, device: torch.device, rounds: int) -> float:
     """Median GPU time that ``work`` adds to ``beside()`` when queued next to it on a second stream.
 
-    ``work(problems)`` is one layer's compression (:mod:`curdkv.overlap`);
+    ``work(problems)`` is one layer's compression (:mod:`curdkv.runtime.overlap`);
     ``beside()`` compute-bound work that takes far longer, like the prefill
     it overlaps. Each round times ``beside()`` alone and then the pair,
     back to back, so that clock drift cancels in the difference; what is
     not added was hidden in resources ``beside`` left idle. On CPU there
     is no second stream and this is ``work``'s time.
     """
-    from ..overlap import SideStream
+    from ..runtime.overlap import SideStream
 
     if device.type != "cuda":
         return median_seconds(lambda: work([]), device, rounds)

@@ -68,8 +68,8 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from .ruler_tasks import FAMILIES, TASK_ARGS, TEMPLATES, Prompt
-from .sizing import fit_size
 from .sample import EvalSample
+from .sizing import fit_size
 
 RULER_TASKS = (
     "niah_single_1", "niah_single_2", "niah_single_3",

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 from .data import package_dir, paul_graham_essays, ruler_data_dir
 
-
 # ---------------------------------------------------------------- essays
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ import math
 import random
 import string
 import uuid
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from .data import needle_words
 from .ruler_data import QASet, common_words, essays, hotpotqa, squad

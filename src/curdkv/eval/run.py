@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..environment import environment
 from ..models import dtype_name, load_model
+from ..report import environment
 from .results import write_outputs
 from .sample import EvalSample, read_samples, write_samples
 from .sweep import Config, Sweep, distributed_rank, merge_ranks, read_predictions

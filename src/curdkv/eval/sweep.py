@@ -4,7 +4,7 @@ For each sample the context is prefilled once with the full cache
 (:func:`curdkv.capture_prefill`); every requested configuration's
 compressed cache is built from that capture without running the model
 again, and the question is answered on each. Configurations are answered
-together, one batch row each (:mod:`curdkv.batched`), which is what makes a
+together, one batch row each (:mod:`curdkv.cache.stack`), which is what makes a
 sweep of many presses x ratios cost little more than one of them on a GPU.
 
 Predictions are appended to ``predictions.jsonl`` as they are made; a rerun
@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..batched import stack_caches
+from ..cache.stack import stack_caches
 from ..context import answer_greedily, prefill_capture
 from ..presses import get_press, parse_press_spec
 from .sample import EvalSample
@@ -61,7 +61,7 @@ class Config:
         press = self.build()
         if self.tolerance is None or press is None:
             return press
-        return press.with_ratio(press.calibrated_ratio(capture, self.tolerance))
+        return press.with_ratio(press.calibrated_ratio(capture.context_nll, self.tolerance))
 
 
 def parse_ratio(value) -> tuple[float, float | None]:

@@ -1,6 +1,6 @@
 """Triton attention over a ragged KV layer (each KV head its own number of kept tokens).
 
-Semantics are those of :func:`curdkv.ragged.ragged_attention_reference`: the
+Semantics are those of :func:`curdkv.attention.reference.ragged_attention_reference`: the
 ``q`` newest tail tokens attend to every kept context token of their KV head
 and causally to the dense tail.
 
@@ -244,7 +244,7 @@ def plan_splits(total_tokens: int, max_length: int, m_tiles: int, sm_count: int,
 
 
 class RaggedLayout(Protocol):
-    """What the kernel reads of a ragged layer (:class:`curdkv.ragged.RaggedKV` is one): each
+    """What the kernel reads of a ragged layer (:class:`curdkv.cache.ragged.RaggedKV` is one): each
     (batch, head) row's kept keys/values flattened, its offsets and lengths, and a dense tail."""
 
     keys: torch.Tensor  # [sum of lengths, D]
@@ -264,7 +264,7 @@ def ragged_attention_triton(query: torch.Tensor, kv: RaggedLayout, scaling: floa
                             min_tokens_per_split: int | None = None) -> torch.Tensor:
     """Attention of ``query [B, H, q, D]`` over a ragged layer; returns ``[B, q, H, D]`` in the query dtype.
 
-    Same semantics as :func:`curdkv.ragged.ragged_attention_reference`. The
+    Same semantics as :func:`curdkv.attention.reference.ragged_attention_reference`. The
     keyword arguments override the tuning defaults (for benchmarks).
     No host-device synchronisation: sizes come from ``kv.lengths`` (CPU).
     """

@@ -11,10 +11,10 @@ from .compactor import CompactorPress
 from .curdkv import CurDKVPress
 from .h2o import H2OPress
 from .knorm import KNormPress
-from .obcache import OBCachePress
 from .lava import LAVaPress
 from .lookahead_qcache import LookaheadQCachePress
 from .morphkv import MorphKVPress
+from .obcache import OBCachePress
 from .pyramidkv import PyramidKVPress
 from .random_press import RandomPress
 from .snapkv import SnapKVPress

@@ -90,7 +90,6 @@ def check_float(name: str, value, minimum: float, allow_none: bool = False) -> N
         raise ValueError(f"{name} must be a finite number >= {minimum}{extra}, got {value!r}")
 
 
-
 @dataclass
 class Press:
     """Base class of every scoring rule.
@@ -148,6 +147,11 @@ class Press:
         """Pseudo queries the press wants after its window (Lookahead Q-Cache); 0: none."""
         return 0
 
+    @property
+    def compresses_after_prefill(self) -> bool:
+        """Whether the runtime compresses every layer only once the whole prefill has run."""
+        return bool(self.needs_full_prefill or self.lookahead_tokens)
+
     def score(self, view: ScoringView) -> torch.Tensor:
         """Return float32 scores ``[B, H_kv, N]``; higher means keep."""
         raise NotImplementedError
@@ -182,8 +186,13 @@ class Press:
     # Presses that can choose their compression ratio for each context (Compactor).
     calibrates = False
 
-    def calibrated_ratio(self, capture, tolerance: float) -> float:
-        """The compression ratio this press chooses for one captured context at ``tolerance``."""
+    def calibrated_ratio(self, context_nll, tolerance: float) -> float:
+        """The compression ratio this press chooses at ``tolerance`` for a context whose token-averaged
+        NLL under the model is ``context_nll`` (a float, or ``[B]``: the ratio safe for every row).
+
+        The runtime or the eval harness measures the NLL
+        (:func:`curdkv.runtime.nll.context_nll`); a press never runs the model.
+        """
         raise ValueError(f"press {self.name!r} cannot choose its ratio per context; use a fixed compression_ratio")
 
     def with_ratio(self, compression_ratio: float) -> "Press":
@@ -228,8 +237,8 @@ class WrapperPress(Press):
     def layer_keeps(self, scores: list[torch.Tensor], seq_len: int) -> list[int]:
         return self.wrapped_at_ratio().layer_keeps(scores, seq_len)
 
-    def calibrated_ratio(self, capture, tolerance: float) -> float:
-        return self.press.calibrated_ratio(capture, tolerance)
+    def calibrated_ratio(self, context_nll, tolerance: float) -> float:
+        return self.press.calibrated_ratio(context_nll, tolerance)
 
 
 def _delegated(trait: str) -> property:
@@ -247,41 +256,3 @@ def check_press(press) -> Press:
     return press
 
 
-@dataclass
-class WindowPress(Press):
-    """A press that scores from the last ``window_size`` context queries (the observation window).
-
-    It reads those queries and always keeps the window's own tokens; its
-    :meth:`score` ranks the tokens before the window and fills the window's
-    places with :meth:`with_window`.
-    """
-
-    window_size: int = 64
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_int("window_size", self.window_size, 1)
-
-    @property
-    def protected_recent(self) -> int:
-        return self.window_size
-
-    @property
-    def query_window(self) -> int:
-        return self.window_size
-
-    def window_bounds(self, view: ScoringView) -> tuple[int, int]:
-        """``(N, W)``, after checking that some tokens lie before the window."""
-        n, w = view.seq_len, self.window_size
-        if n <= w:
-            label = type(self).__name__.removesuffix("Press")
-            raise ValueError(f"{label} needs a context longer than window_size={w}, got {n} tokens")
-        return n, w
-
-    def with_window(self, scores: torch.Tensor) -> torch.Tensor:
-        """``[B, H_kv, N - W]`` scores of the tokens before the window, extended to all ``N``.
-
-        The window is protected; its top score only fills the tensor.
-        """
-        top = scores.amax(-1, keepdim=True).expand(-1, -1, self.window_size)
-        return torch.cat([scores, top], dim=-1)

@@ -10,15 +10,12 @@ stays within a tolerance (:func:`calibrated_ratio`).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from .base import Press, check_float, check_press
-from ..transformers_compat import forward_with_cache
+from .base import check_float
 
 # |b| of the calibration curve is clamped here: at 60 the curve is already
 # exp(60 (r - 1)) to float64 precision, and expm1 stays far from overflow.
@@ -167,85 +164,3 @@ def fit_calibration(retention, context_nll, quality_ratio, underestimate_weight:
     return CalibrationCurve(alpha, shifted - alpha * centre)
 
 
-def _check_ids(name: str, ids, batch: int | None = None) -> None:
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] == 0:
-        raise ValueError(f"{name} must be a non-empty [batch, seq_len] tensor of token ids")
-    if batch is not None and ids.shape[0] != batch:
-        raise ValueError(f"{name} must have the batch size {batch} of the context, got {ids.shape[0]}")
-
-
-def _token_nll_sums(model, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Summed NLL of ``targets`` ``[B, T]`` from the final hidden states ``[B, T, d]`` predicting them."""
-    head = model.get_output_embeddings()
-    total = torch.zeros(targets.shape[0], dtype=torch.float64, device=targets.device)
-    # The logits of a long context would not fit at once (N x vocabulary); a block at a time.
-    for s in range(0, targets.shape[1], chunk):
-        logits = head(hidden[:, s : s + chunk]).float()
-        nll = F.cross_entropy(logits.transpose(1, 2), targets[:, s : s + chunk], reduction="none")
-        total += nll.double().sum(-1)
-    return total
-
-
-@torch.no_grad()
-def context_nll_from_hidden(model, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Token-averaged NLL of each context, float64 ``[B]``, from the decoder's final hidden states.
-
-    ``hidden`` ``[B, N, d]``: the output of ``model.get_decoder()`` (after its
-    final norm) for ``input_ids`` ``[B, N]``, e.g. caught by a forward hook
-    during the one prefill, so the NLL costs no second pass and the N x
-    vocabulary logits never exist at once (they go through the LM head a
-    block at a time).
-    """
-    _check_ids("input_ids", input_ids)
-    if input_ids.shape[1] < 2:
-        raise ValueError("the context NLL needs at least 2 tokens (the first one is never predicted)")
-    if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(input_ids.shape):
-        raise ValueError(f"hidden must be [B, N, d] for input_ids {tuple(input_ids.shape)}, got {tuple(hidden.shape)}")
-    return _token_nll_sums(model, hidden[:, :-1], input_ids[:, 1:]) / (input_ids.shape[1] - 1)
-
-
-@torch.no_grad()
-def context_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Token-averaged NLL of each context under ``model``: float64 ``[B]`` (the paper's ``NLL(c)``).
-
-    One forward pass of the decoder without cache; each token after the first
-    is predicted from those before it, as in the model's own LM loss.
-    """
-    _check_ids("input_ids", input_ids)
-    if input_ids.shape[1] < 2:
-        raise ValueError("the context NLL needs at least 2 tokens (the first one is never predicted)")
-    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
-    return context_nll_from_hidden(model, hidden, input_ids)
-
-
-def _answer_nll(model, press, context_ids, follow_ids, answer_len: int) -> torch.Tensor:
-    from ..cache import CompressedCache
-    from ..runtime import compress
-
-    cache = CompressedCache()
-    with compress(model, press) if press is not None else contextlib.nullcontext():
-        first = forward_with_cache(model, cache, input_ids=context_ids, use_cache=True, logits_to_keep=1).logits[:, -1]
-    rest = forward_with_cache(model, cache, input_ids=follow_ids, use_cache=True).logits[:, :-1]
-    logits = torch.cat([first[:, None], rest], dim=1)[:, -answer_len:].float()
-    return F.cross_entropy(logits.transpose(1, 2), follow_ids[:, -answer_len:], reduction="none").double().mean()
-
-
-@torch.no_grad()
-def nll_ratio(model, press: Press, context_ids: torch.Tensor, answer_ids: torch.Tensor, query_ids=None) -> float:
-    """The paper's ``g(r, q, c) = NLL(answer | q, c) / NLL(answer | q, c compressed by press)``.
-
-    The context is prefilled (and compressed by ``press``), then the query
-    (optional, never compressed) and the answer are fed after it; only the
-    answer's tokens are scored, averaged over tokens and batch. This measures
-    the training triples of :func:`fit_calibration`.
-    """
-    check_press(press)
-    _check_ids("context_ids", context_ids)
-    _check_ids("answer_ids", answer_ids, context_ids.shape[0])
-    follow = answer_ids
-    if query_ids is not None:
-        _check_ids("query_ids", query_ids, context_ids.shape[0])
-        follow = torch.cat([query_ids, answer_ids], dim=1)
-    full = _answer_nll(model, None, context_ids, follow, answer_ids.shape[1])
-    compressed = _answer_nll(model, press, context_ids, follow, answer_ids.shape[1])
-    return float(full / compressed)

@@ -16,7 +16,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ..kernels.leverage import whitening
 from .base import ALL_QUERIES, Press, ScoringView, check_choice, check_float, check_int
-from .calibration import CalibrationCurve, calibrated_ratio, context_nll
+from .calibration import CalibrationCurve, calibrated_ratio
 
 NORMALIZATIONS = ("head", "layer")
 LOGIT_SCALES = ("unscaled", "model")
@@ -416,21 +416,16 @@ class CompactorPress(Press):
             )
         return CalibrationCurve(self.calibration_alpha, self.calibration_beta)
 
-    def calibrated_ratio(self, capture, tolerance: float) -> float:
-        """The compression ratio for one captured context (:func:`calibrated_ratio` of its NLL).
+    def calibrated_ratio(self, context_nll, tolerance: float) -> float:
+        """The compression ratio for one context (:func:`calibrated_ratio` of its NLL).
 
-        The paper's predictor reads the context's NLL, not its keys, values or
-        queries. ``capture`` must carry it as ``context_nll`` (a float or
-        ``[B]`` tensor), or carry ``input_ids`` and ``model`` to compute it
-        (:func:`context_nll`, one more forward pass).
+        The paper's predictor reads the context's NLL under the model, not its
+        keys, values or queries: a :class:`~curdkv.runtime.capture.PrefillCapture`
+        measures it (``capture.context_nll``).
         """
-        nll = getattr(capture, "context_nll", None)
-        if nll is None:
-            ids, model = getattr(capture, "input_ids", None), getattr(capture, "model", None)
-            if ids is None or model is None:
-                raise ValueError(
-                    "Compactor's calibration predicts the ratio from the context's NLL under the model: the capture "
-                    "needs context_nll (see curdkv.presses.calibration.context_nll), or input_ids and model"
-                )
-            nll = context_nll(model, ids)
-        return calibrated_ratio(self.calibration_curve, nll, tolerance)
+        if context_nll is None:
+            raise ValueError(
+                "Compactor's calibration predicts the ratio from the context's NLL under the model: context_nll "
+                "is None (capture_prefill keeps the model and ids it needs; see curdkv.runtime.nll.context_nll)"
+            )
+        return calibrated_ratio(self.calibration_curve, context_nll, tolerance)

@@ -7,7 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.leverage import (
-    fast_path_available, half_precision_leverage, projection_terms, transformed_norms, whitening,
+    fast_path_available,
+    half_precision_leverage,
+    projection_terms,
+    transformed_norms,
+    whitening,
 )
 from .base import Press, ScoringView, check_choice, check_int
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ..selection import check_alpha, check_budget, kept_count
-from .base import ScoringView, WindowPress, check_odd_kernel
-from .snapkv import window_attention_mean
+from .base import ScoringView, check_odd_kernel
+from .window import WindowPress, window_attention_mean
 
 
 def lava_scores(view: ScoringView, window: int, kernel_size: int) -> torch.Tensor:

@@ -54,7 +54,7 @@ class LookaheadQCachePress(Press):
     press first compresses the context temporarily (:meth:`lookahead_press`,
     SnapKV at the same ratio with window 32 and pooling width 7), greedily
     decodes ``lookahead_tokens`` tokens from that cache, records the queries
-    every layer computes for them (pseudo queries, :mod:`curdkv.lookahead`),
+    every layer computes for them (pseudo queries, :mod:`curdkv.runtime.lookahead`),
     drops the temporary cache, and scores the full context with the last
     ``window_size`` context queries together with the pseudo queries: the
     summed softmax attention of those rows to each key, max-pooled over

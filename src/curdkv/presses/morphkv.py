@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import ScoringView, WindowPress, check_choice
-from .snapkv import window_logits
+from .base import ScoringView, check_choice
+from .window import WindowPress, window_logits
 
 FUSIONS = ("sum", "max")
 
@@ -38,7 +38,7 @@ class MorphKVPress(WindowPress):
     SnapKV; with ``curdkv.compress(model, MorphKVPress(...), max_cache_tokens=C)``
     it re-scores the cache at every decoding step and holds it at ``C``
     tokens per KV head for the whole generation, which is the paper's method
-    (:mod:`curdkv.decoding`).
+    (:mod:`curdkv.runtime.decoding`).
 
     Differences from the paper's code: the window's queries include the
     current token's (the code scores with the previous ``W`` queries and keeps

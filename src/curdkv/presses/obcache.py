@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import ScoringView, WindowPress, check_choice, check_odd_kernel
-from .snapkv import window_hidden, window_logits
+from .base import ScoringView, check_choice, check_odd_kernel
+from .window import WindowPress, window_hidden, window_logits
 
 SALIENCIES = ("value", "key", "joint")
 POOLINGS = (None, "max", "avg")

@@ -25,79 +25,18 @@ import torch
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .ragged import RaggedKV, ragged_attention
-from .ragged_layer import MaskedKV, masked_to_dense_mask
+from ..cache.masked import MaskedKV, masked_to_dense_mask
+from ..cache.ragged import RaggedKV
+from ..kernels.common import on_kernel_device
+from .recording import recorder_of
+from .reference import bottom_right_causal_mask, ragged_attention_reference
 
 ATTENTION_NAME = "curdkv"
 
 
-class QueryRecorder:
-    """Keeps the last ``window`` queries of each layer, ``[B, H, W, D]``.
-
-    By default only a first prefill is recorded (the observation window).
-    ``rolling=True`` records every call, appending decoded tokens' queries and
-    keeping the last ``window``: the window of compression during decoding,
-    and Lookahead Q-Cache's pseudo queries.
-    """
-
-    def __init__(self, window: int, rolling: bool = False):
-        self.window = window
-        self.rolling = rolling
-        self.queries: dict[int, torch.Tensor] = {}
-        # Per layer, ``(new tokens, keys attended)`` of the last call (``-1`` keys: a compressed
-        # layout): the runtime's witness of which layers ran a first prefill, read whatever the
-        # forward's keywords are named.
-        self.calls: dict[int, tuple[int, int]] = {}
-
-    def wants(self, q_len: int, kv_len: int) -> bool:
-        return self.window > 0 and (self.rolling or q_len == kv_len)
-
-    def record(self, layer_idx: int, query: torch.Tensor) -> None:
-        previous = self.queries.get(layer_idx) if self.rolling else None
-        if previous is not None and previous.shape[:2] == query.shape[:2]:
-            query = torch.cat([previous, query], dim=2)
-        # A copy, not a view: a view would keep the whole prefill's queries alive.
-        self.queries[layer_idx] = query[:, :, -self.window :].detach().clone()
-
-    def pop(self, layer_idx: int) -> torch.Tensor | None:
-        return self.queries.pop(layer_idx, None)
-
-
-# Attention modules (by id) whose queries are being recorded.
-_recorders: dict[int, QueryRecorder] = {}
-
-
-@contextlib.contextmanager
-def recording_queries(modules, recorder: QueryRecorder):
-    """Record queries of ``modules`` into ``recorder`` inside the block.
-
-    Blocks nest: an inner recorder (pseudo queries decoded while a prefill's
-    compression runs) replaces the outer one until it exits.
-    """
-    keys = [id(m) for m in modules]
-    previous = {k: _recorders[k] for k in keys if k in _recorders}
-    for k in keys:
-        _recorders[k] = recorder
-    try:
-        yield recorder
-    finally:
-        for k in keys:
-            if k in previous:
-                _recorders[k] = previous[k]
-            else:
-                _recorders.pop(k, None)
-
-
-def bottom_right_causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
-    """Boolean ``[1, 1, q, kv]``: query i (the i-th of the last q tokens) sees keys ``<= kv - q + i``."""
-    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
-    k_pos = torch.arange(kv_len, device=device)[None, :]
-    return (k_pos <= q_pos)[None, None]
-
-
 def curdkv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention function with transformers' signature: query ``[B, H, q, D]``, key/value ``[B, H_kv, kv, D]``."""
-    recorder = _recorders.get(id(module))
+    recorder = recorder_of(module)
     if recorder is not None:
         # Ragged and masked layers are compressed already: they never see a first prefill.
         kv_len = key.shape[2] if isinstance(key, torch.Tensor) else -1
@@ -142,3 +81,13 @@ def using_curdkv_attention(model):
         yield
     finally:
         model.set_attn_implementation(previous)
+
+
+def ragged_attention(query: torch.Tensor, kv: RaggedKV, scaling: float | None = None) -> torch.Tensor:
+    """Attention over a ragged layer: the Triton kernel on CUDA when available, else the reference."""
+    if on_kernel_device(query):
+        from ..kernels.ragged_attention import ragged_attention_triton, triton_available
+
+        if triton_available():
+            return ragged_attention_triton(query, kv, scaling)
+    return ragged_attention_reference(query, kv, scaling)

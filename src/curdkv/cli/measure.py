@@ -7,7 +7,7 @@ import sys
 
 def add_bench(sub, parse) -> None:
     """``parse``: the shared argument parsers of :mod:`curdkv.cli` (lengths, ratios, presses, positive)."""
-    from .bench.speed import BenchSettings
+    from ..bench.speed import BenchSettings
 
     d = BenchSettings.__dataclass_fields__
     bench = sub.add_parser("bench", help="KV bytes, peak memory, prefill, decode and compression overhead")
@@ -31,7 +31,7 @@ def add_bench(sub, parse) -> None:
 
 
 def run_bench_command(args) -> int:
-    from .bench.speed import BenchSettings, run_bench
+    from ..bench.speed import BenchSettings, run_bench
 
     try:
         settings = BenchSettings(
@@ -49,7 +49,7 @@ def run_bench_command(args) -> int:
 
 
 def add_analyze(sub, parse) -> None:
-    from .models import DEFAULT_MODEL
+    from ..models import DEFAULT_MODEL
 
     analyze = sub.add_parser("analyze", help="attention reconstruction error and single-token eviction (paper Figs 1-2)")
     kinds = analyze.add_subparsers(dest="analysis", required=True)
@@ -76,11 +76,12 @@ def add_analyze(sub, parse) -> None:
 def run_analyze_command(args) -> int:
     from pathlib import Path
 
-    from .analysis import eviction_study, reconstruction_study
-    from .analysis.common import analysis_tokens
-    from .analysis.outputs import write_eviction, write_reconstruction
-    from .environment import environment
-    from .models import load_model
+    from ..analysis.common import analysis_tokens
+    from ..analysis.eviction import eviction_study
+    from ..analysis.outputs import write_eviction, write_reconstruction
+    from ..analysis.reconstruction import reconstruction_study
+    from ..models import load_model
+    from ..report import environment
 
     try:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from .attention import QueryRecorder
-from .cache import CompressedLayer
-from .presses.base import Press
-from .selection import gather_kv_tokens
+from ..attention.recording import QueryRecorder
+from ..cache.dense import CompressedLayer
+from ..cache.gather import gather_kv_tokens
+from ..presses.base import Press
+from .layer import select_tokens
+from .model import num_layers
 
 
 def check_max_cache_tokens(press: Press, max_cache_tokens) -> int:
@@ -58,8 +60,6 @@ class DecodeBudget:
 
     def after_attention(self, module, cache, new_tokens: int) -> int:
         """Hold the layer of ``module`` at the budget after ``new_tokens`` were appended; returns what it holds."""
-        from .runtime import num_layers, select_tokens
-
         idx = module.layer_idx
         layer = cache.layers[idx]
         stored = layer.keys.shape[2]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .models import DEFAULT_MODEL, model_names
-from .presses import PRESSES
+from ..models import DEFAULT_MODEL, model_names
+from ..presses import PRESSES
 
 
 def _ratios(text: str) -> tuple[float, ...]:
@@ -21,7 +21,7 @@ def _ratios(text: str) -> tuple[float, ...]:
 
 def _presses(text: str) -> tuple[str, ...]:
     """Comma-separated press specs: registry names, optionally with ``:option=value`` pairs."""
-    from .presses import parse_press_spec
+    from ..presses import parse_press_spec
 
     specs = tuple(t.strip() for t in text.split(",") if t.strip())
     if not specs:
@@ -39,7 +39,7 @@ def _presses(text: str) -> tuple[str, ...]:
 
 def _eval_ratios(text: str) -> tuple[float | str, ...]:
     """Ratios in (0, 1), and ``calibrated:TOL`` for presses that choose their ratio per context."""
-    from .eval.sweep import parse_ratio
+    from ..eval.sweep import parse_ratio
 
     values = []
     for item in (t.strip() for t in text.split(",")):
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     _add_eval(sub)
-    from .cli_measure import add_analyze, add_bench
+    from .measure import add_analyze, add_bench
 
     parsers = dict(lengths=_lengths, ratios=_ratios, presses=_presses, positive=_positive)
     add_bench(sub, parsers)
@@ -157,10 +157,10 @@ def _add_eval(sub) -> None:
 
 
 def _run_eval(args) -> int:
-    from .eval.families import longbench_family, ruler_family
-    from .eval.results import results_table
-    from .eval.run import report, run_eval
-    from .eval.sweep import sweep_configs
+    from ..eval.families import longbench_family, ruler_family
+    from ..eval.results import results_table
+    from ..eval.run import report, run_eval
+    from ..eval.sweep import sweep_configs
 
     if args.bench == "report":
         rows = report(args.run, args.out, args.presses, args.ratios, args.samples)
@@ -196,14 +196,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"curdkv eval: error: {error}", file=sys.stderr)
             return 2
     if args.command in ("bench", "analyze"):
-        from .cli_measure import run_analyze_command, run_bench_command
+        from .measure import run_analyze_command, run_bench_command
 
         return (run_bench_command if args.command == "bench" else run_analyze_command)(args)
     if args.command == "models":
         print("\n".join(model_names()))
         return 0
     if args.command == "presses":
-        from .presses import get_press
+        from ..presses import get_press
 
         width = max(len(name) for name in PRESSES)
         for name in PRESSES:

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import torch
 
-from .attention import QueryRecorder, recording_queries, using_curdkv_attention
-from .presses.base import Press
-from .transformers_compat import forward_with_cache
+from ..attention.function import using_curdkv_attention
+from ..attention.recording import QueryRecorder, recording_queries
+from ..presses.base import Press
+from ..transformers_compat import forward_with_cache
 
 
 @torch.no_grad()
 def pseudo_queries(capture, press: Press) -> list[torch.Tensor]:
     """Per layer, the post-RoPE queries ``[B, H, m, D]`` of ``m = press.lookahead_tokens`` greedy tokens.
 
-    ``capture`` is a :class:`curdkv.runtime.PrefillCapture` that kept its
+    ``capture`` is a :class:`curdkv.runtime.capture.PrefillCapture` that kept its
     model and the greedy token after the context.
     """
     m = press.lookahead_tokens

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from .batched import stack_caches
-from .context import answer_greedily, prefill_capture
-from .eval.needle import answered, needle_samples
-from .models import dtype_name, load_model
-from .presses import get_press
-from .report import markdown_table
+from ..cache.stack import stack_caches
+from ..context import answer_greedily, prefill_capture
+from ..eval.needle import answered, needle_samples
+from ..models import dtype_name, load_model
+from ..presses import get_press
+from ..report import markdown_table
 
 DEFAULT_PRESSES = ("full", "curdkv", "curdkv-sketch", "snapkv", "knorm", "streamingllm")
 

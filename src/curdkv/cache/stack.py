@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .cache import CompressedCache, CompressedLayer
-from .ragged_layer import RaggedLayer
+from .dense import CompressedCache, CompressedLayer
+from .ragged import RaggedLayer
 
 
 def as_ragged(layer, context_length: int) -> RaggedLayer:

@@ -1,11 +1,22 @@
-"""Cache layers for head-adaptive budgets.
+"""Ragged key/value storage: each KV head keeps its own number of tokens.
 
-:class:`RaggedLayer` holds only what each KV head kept (flat storage, see
-:mod:`curdkv.ragged`), so a head-adaptive press saves exactly as much memory
-as a uniform one at the same ratio. :class:`MaskedLayer` is the layout
-kvpress uses for the same presses (every entry kept, evicted ones hidden
-from attention): no memory saved, but an obvious reference that the ragged
-layout is tested against, and the baseline that the benchmarks compare with.
+Head-adaptive presses give every (batch element, KV head) its own budget, so
+a layer's kept context cannot be a dense ``[B, H_kv, k, D]`` tensor without
+padding (and padding is exactly the memory we want to give back). Instead the
+kept context is stored flat:
+
+- ``keys``/``values``: ``[T, D]``, the kept tokens of head ``(b, h)`` at rows
+  ``offsets[b * H_kv + h] : offsets[b * H_kv + h + 1]``, in context order;
+- ``offsets``: ``[B * H_kv + 1]`` int64 on the same device.
+
+Tokens added after compression (question, generated tokens) arrive for every
+head at once, so they live in a dense *tail* ``[B, H_kv, t, D]``. Attention
+is computed over the two parts as if they were one sequence per head: new
+tokens see every kept context token of their head, and each other causally.
+
+:class:`RaggedLayer` is the transformers cache layer that holds one layer this
+way, so a head-adaptive press saves exactly as much memory as a uniform one at
+the same ratio.
 """
 
 from __future__ import annotations
@@ -15,8 +26,61 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from .ragged import RaggedKV, offsets_from_lengths
-from .selection import gather_kv_tokens
+from .gather import gather_kv_tokens
+
+
+@dataclass
+class RaggedKV:
+    """One layer's keys and values as seen by the attention function.
+
+    ``tail_keys``/``tail_values``: ``[B, H_kv, t, D]`` (any strides with a
+    contiguous last dimension); the last ``q`` tail tokens are the ones being
+    attended from in the current forward pass.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    offsets: torch.Tensor
+    lengths: torch.Tensor  # [B, H_kv] int64, on the CPU (for sizes without a device sync)
+    tail_keys: torch.Tensor
+    tail_values: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.tail_keys.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.tail_keys.shape[1]
+
+    @property
+    def tail_length(self) -> int:
+        return self.tail_keys.shape[2]
+
+    @property
+    def max_length(self) -> int:
+        return int(self.lengths.max()) if self.lengths.numel() else 0
+
+
+def offsets_from_lengths(lengths: torch.Tensor, device=None) -> torch.Tensor:
+    """``[B * H_kv + 1]`` int64 start offsets for per-head ``lengths [B, H_kv]``."""
+    flat = lengths.reshape(-1).to(torch.int64)
+    offsets = torch.zeros(flat.numel() + 1, dtype=torch.int64)
+    offsets[1:] = flat.cpu().cumsum(0)
+    return offsets.to(device if device is not None else lengths.device)
+
+
+def unpack_padded(kv: RaggedKV, which: str = "keys"):
+    """The ragged context padded to ``[B, H_kv, L_max, D]`` plus a boolean validity mask ``[B, H_kv, L_max]``."""
+    flat = kv.keys if which == "keys" else kv.values
+    b, h = kv.batch_size, kv.num_kv_heads
+    l_max = kv.max_length
+    lengths = kv.lengths.to(flat.device)
+    valid = torch.arange(l_max, device=flat.device)[None, None, :] < lengths[:, :, None]
+    padded = flat.new_zeros(b, h, l_max, flat.shape[-1])
+    padded[valid] = flat
+    return padded, valid
+
 
 # Appended tokens are written into a preallocated tail grown in steps of at
 # least this many tokens, so decoding does not copy the tail at every step.
@@ -213,48 +277,3 @@ class RaggedLayer(DynamicLayer):
     batch_repeat_interleave = batch_select_indices = reorder_cache = _unsupported
 
 
-@dataclass
-class MaskedKV:
-    """Full keys/values ``[B, H_kv, N + t, D]`` and which of the first N are kept, ``[B, H_kv, N]``."""
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    keep: torch.Tensor
-
-
-class MaskedLayer(DynamicLayer):
-    """Every entry stored, evicted context entries hidden from attention (kvpress's layout)."""
-
-    @classmethod
-    def from_mask(cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> "MaskedLayer":
-        layer = cls()
-        layer.dtype, layer.device = keys.dtype, keys.device
-        layer.keys, layer.values, layer.keep = keys, values, keep
-        layer.is_initialized = True
-        return layer
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        keys, values = super().update(key_states, value_states)
-        kv = MaskedKV(keys, values, self.keep)
-        return kv, kv
-
-    def nbytes(self) -> int:
-        tensors = (self.keys, self.values, self.keep)
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    def snapshot(self):
-        return self.keys, self.values
-
-    def restore(self, state) -> None:
-        self.keys, self.values = state
-
-
-def masked_to_dense_mask(kv: MaskedKV, q_len: int, group: int) -> torch.Tensor:
-    """Boolean ``[B, H, q, N + t]``: kept context entries, and the tail causally (bottom-right)."""
-    b, h_kv, total, _ = kv.keys.shape
-    n = kv.keep.shape[-1]
-    t = total - n
-    q_pos = torch.arange(t - q_len, t, device=kv.keys.device)[:, None]
-    tail = (torch.arange(t, device=kv.keys.device)[None, :] <= q_pos)[None, None].expand(b, h_kv, -1, -1)
-    ctx = kv.keep[:, :, None, :].expand(-1, -1, q_len, -1)
-    return torch.cat([ctx, tail], dim=-1).repeat_interleave(group, dim=1)
