@@ -1,4 +1,4 @@
-"""KV bytes held and decode speed: full cache vs CurDKV vs AdaCurDKV (ragged) vs AdaCurDKV (masked, kvpress's layout).
+"""KV bytes held and decode speed: full cache vs CurDKV vs AdaCurDKVPress (ragged) vs AdaCurDKVPress (masked, kvpress's layout).
 
 One prefill per context length (the sweep path), then every configuration's
 cache is built from it and decoded for ``--decode-tokens`` greedy tokens
@@ -27,8 +27,8 @@ def configurations(ratios):
     for ratio in ratios:
         yield "curdkv", ratio, curdkv.CurDKVPress(ratio), None
         yield "curdkv (dense layout)", ratio, curdkv.CurDKVPress(ratio), "dense"
-        yield "adacurdkv", ratio, curdkv.AdaCurDKV(ratio), "ragged"
-        yield "adacurdkv (masked, kvpress layout)", ratio, curdkv.AdaCurDKV(ratio), "masked"
+        yield "adacurdkv", ratio, curdkv.AdaCurDKVPress(ratio), "ragged"
+        yield "adacurdkv (masked, kvpress layout)", ratio, curdkv.AdaCurDKVPress(ratio), "masked"
 
 
 def main(argv=None) -> None:

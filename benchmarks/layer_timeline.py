@@ -20,7 +20,7 @@ import json
 import torch
 
 import curdkv
-from curdkv.bench.timing import _sleep_cycles_per_second, device_seconds, median_seconds
+from curdkv.bench.timing import sleep_cycles_per_second, device_seconds, median_seconds
 from curdkv.report import environment
 from curdkv.runtime.layer import compress_layer
 from compression_overhead import llama_layer
@@ -29,7 +29,7 @@ from compression_overhead import llama_layer
 def timeline(fn, device: torch.device) -> list[dict]:
     """The CUDA kernels, copies and fills of one ``fn()`` call, in start order (microseconds)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        torch.cuda._sleep(int(0.05 * _sleep_cycles_per_second(device.index)))
+        torch.cuda._sleep(int(0.05 * sleep_cycles_per_second(device.index)))
         fn()
         torch.cuda.synchronize()
     events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),

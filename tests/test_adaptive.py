@@ -1,4 +1,4 @@
-"""Head-adaptive budgets: AdaKV selection, the ragged cache, and generation over it."""
+"""Head-adaptive budgets: AdaKVPress selection, the ragged cache, and generation over it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import curdkv
-from curdkv import AdaCurDKV, AdaKV, AdaSnapKV, CurDKVPress, MaskedLayer, RaggedLayer
+from curdkv import AdaCurDKVPress, AdaKVPress, AdaSnapKVPress, CurDKVPress, MaskedLayer, RaggedLayer
 from curdkv.attention.function import using_curdkv_attention
 from curdkv.presses import ChunkKVPress, KNormPress, SnapKVPress, StreamingLLMPress
 from curdkv.runtime.layer import compress_layer
@@ -90,53 +90,53 @@ def test_bad_alpha_raises(alpha):
     with pytest.raises(ValueError, match="alpha"):
         select_adaptive(torch.rand(1, 2, 10), 5, alpha)
     with pytest.raises(ValueError, match="alpha"):
-        AdaKV(CurDKVPress(compression_ratio=0.5), alpha=alpha)
+        AdaKVPress(CurDKVPress(compression_ratio=0.5), alpha=alpha)
 
 
 @pytest.mark.parametrize("inner", [KNormPress(compression_ratio=0.5), StreamingLLMPress(compression_ratio=0.5)])
 def test_adakv_refuses_scores_not_comparable_across_heads(inner):
     with pytest.raises(ValueError, match="comparable across heads"):
-        AdaKV(inner)
+        AdaKVPress(inner)
 
 
 def test_adakv_refuses_chunks_and_nesting_and_non_press():
     with pytest.raises(ValueError, match="ChunkKV"):
-        AdaKV(ChunkKVPress(compression_ratio=0.5))
+        AdaKVPress(ChunkKVPress(compression_ratio=0.5))
     with pytest.raises(ValueError, match="already adaptive"):
-        AdaKV(AdaCurDKV(0.5))
+        AdaKVPress(AdaCurDKVPress(0.5))
     with pytest.raises(TypeError, match="press must be"):
-        AdaKV("curdkv")
+        AdaKVPress("curdkv")
 
 
 def test_adakv_mirrors_the_wrapped_press():
-    press = AdaSnapKV(compression_ratio=0.3, alpha=0.5, window_size=16)
+    press = AdaSnapKVPress(compression_ratio=0.3, alpha=0.5, window_size=16)
     assert press.name == "adasnapkv"
     assert press.compression_ratio == 0.3
     assert press.query_window == 16 and press.protected_recent == 16
     other = press.with_ratio(0.7)
-    assert isinstance(other, AdaSnapKV) and other.compression_ratio == 0.7 and other.alpha == 0.5
+    assert isinstance(other, AdaSnapKVPress) and other.compression_ratio == 0.7 and other.alpha == 0.5
     assert other.press.window_size == 16
     assert press.compression_ratio == 0.3, "with_ratio must not change the original"
-    assert AdaCurDKV(0.5, estimator="exact").press.estimator == "exact"
-    assert AdaCurDKV(0.5) == AdaCurDKV(0.5) and AdaCurDKV(0.5) != AdaCurDKV(0.5, alpha=0.3)
-    assert "alpha=0.2" in AdaCurDKV(0.5).describe()
+    assert AdaCurDKVPress(0.5, estimator="exact").press.estimator == "exact"
+    assert AdaCurDKVPress(0.5) == AdaCurDKVPress(0.5) and AdaCurDKVPress(0.5) != AdaCurDKVPress(0.5, alpha=0.3)
+    assert "alpha=0.2" in AdaCurDKVPress(0.5).describe()
     with pytest.raises(ValueError, match="compression_ratio"):
-        AdaCurDKV(1.0)
+        AdaCurDKVPress(1.0)
 
 
 def test_dense_layout_refused_for_adaptive_press():
     keys = torch.randn(1, 2, 30, 8)
     with pytest.raises(ValueError, match="layout must be 'ragged' or 'masked'"):
-        compress_layer(AdaCurDKV(0.5), keys, keys, None, None, 0, "dense")
+        compress_layer(AdaCurDKVPress(0.5), keys, keys, None, None, 0, "dense")
     with pytest.raises(ValueError, match="layout must be one of"):
-        compress_layer(AdaCurDKV(0.5), keys, keys, None, None, 0, "sparse")
+        compress_layer(AdaCurDKVPress(0.5), keys, keys, None, None, 0, "sparse")
 
 
 def _layer_from_random(b=2, h=4, n=50, d=16, ratio=0.6, seed=0):
     gen = torch.Generator().manual_seed(seed)
     keys = torch.randn(b, h, n, d, generator=gen) * torch.logspace(-1, 1, h)[None, :, None, None]
     values = torch.randn(b, h, n, d, generator=gen)
-    layer = compress_layer(AdaCurDKV(ratio, estimator="exact"), keys, values, None, None, 0)
+    layer = compress_layer(AdaCurDKVPress(ratio, estimator="exact"), keys, values, None, None, 0)
     return keys, values, layer
 
 
@@ -239,8 +239,8 @@ def test_ragged_bytes_match_uniform_and_masked_saves_nothing(model, ratio):
     capture = curdkv.capture_prefill(model, ids)
     full = capture.build_cache(None).nbytes()
     uniform = capture.build_cache(CurDKVPress(ratio)).nbytes()
-    ragged = capture.build_cache(AdaCurDKV(ratio))
-    masked = capture.build_cache(AdaCurDKV(ratio), "masked").nbytes()
+    ragged = capture.build_cache(AdaCurDKVPress(ratio))
+    masked = capture.build_cache(AdaCurDKVPress(ratio), "masked").nbytes()
     assert abs(ragged.nbytes() - uniform) / uniform < 0.02
     assert masked >= full
     h = model.config.num_key_value_heads
@@ -251,13 +251,13 @@ def test_ragged_bytes_match_uniform_and_masked_saves_nothing(model, ratio):
 def test_ratio_zero_is_a_no_op(model):
     ids = random_ids(100, seed=3)
     capture = curdkv.capture_prefill(model, ids)
-    cache = capture.build_cache(AdaCurDKV(0.0))
+    cache = capture.build_cache(AdaCurDKVPress(0.0))
     for layer, k in zip(cache.layers, capture.keys):
         assert layer.keys is k
 
 
 def test_batch_with_different_head_lengths_equals_each_alone(model):
-    press = AdaCurDKV(0.5, estimator="exact")
+    press = AdaCurDKVPress(0.5, estimator="exact")
     ids = torch.cat([random_ids(160, seed=4), random_ids(160, seed=5)])
     batched = curdkv.capture_prefill(model, ids).build_cache(press)
     alone = [curdkv.capture_prefill(model, ids[i : i + 1]).build_cache(press) for i in range(2)]
@@ -277,7 +277,7 @@ def test_batch_with_different_head_lengths_equals_each_alone(model):
 def test_dtypes_generate_without_nans(arch, tiny_models, dtype_name):
     model = tiny_models(arch, DTYPES[dtype_name])
     ids = random_ids(200, seed=6)
-    with curdkv.compress(model, AdaSnapKV(0.6)):
+    with curdkv.compress(model, AdaSnapKVPress(0.6)):
         out = model.generate(ids, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
     assert out.sequences.shape[1] > 200
     assert all(torch.isfinite(logits).all() for logits in out.logits)
@@ -286,11 +286,11 @@ def test_dtypes_generate_without_nans(arch, tiny_models, dtype_name):
 def test_layout_choice_reaches_generate(model):
     ids = random_ids(120, seed=8)
     cache = curdkv.CompressedCache()
-    with curdkv.compress(model, AdaCurDKV(0.5), layout="masked"):
+    with curdkv.compress(model, AdaCurDKVPress(0.5), layout="masked"):
         forward_with_cache(model, cache, input_ids=ids, use_cache=True)
     assert all(isinstance(layer, MaskedLayer) for layer in cache.layers)
     with pytest.raises(ValueError, match="layout"):
-        with curdkv.compress(model, AdaCurDKV(0.5), layout="paged"):
+        with curdkv.compress(model, AdaCurDKVPress(0.5), layout="paged"):
             pass
     # a uniform press may use the masked or ragged layouts too, keeping the same tokens
     capture = curdkv.capture_prefill(model, ids)
@@ -307,8 +307,8 @@ def test_concatenated_configurations_decode_like_each_alone(model):
     dense = capture.build_cache(CurDKVPress(0.7))
     parts = [
         [RaggedLayer.from_dense(layer.keys, layer.values, 200) for layer in dense.layers],
-        capture.build_cache(AdaCurDKV(0.5)).layers,
-        capture.build_cache(AdaSnapKV(0.3)).layers,
+        capture.build_cache(AdaCurDKVPress(0.5)).layers,
+        capture.build_cache(AdaSnapKVPress(0.3)).layers,
     ]
     stacked = curdkv.CompressedCache.from_layers([RaggedLayer.concat(list(ls)) for ls in zip(*parts)])
     assert stacked.layers[0].lengths.shape[0] == 3
@@ -317,13 +317,13 @@ def test_concatenated_configurations_decode_like_each_alone(model):
     assert batched == [[a[0], b[0], c[0]] for a, b, c in zip(*alone)]
     assert greedy(model, ids, dense, 6) == alone[0], "a dense cache viewed as ragged decodes the same"
     with pytest.raises(ValueError, match="same length"):
-        RaggedLayer.concat([capture.build_cache(AdaCurDKV(0.5)).layers[0], capture_short(model)])
+        RaggedLayer.concat([capture.build_cache(AdaCurDKVPress(0.5)).layers[0], capture_short(model)])
     with pytest.raises(ValueError, match="nothing appended"):
         RaggedLayer.concat([parts[1][0], parts[1][0]])  # decoded above: its tail is not empty
 
 
 def capture_short(model):
-    return curdkv.capture_prefill(model, random_ids(150)).build_cache(AdaCurDKV(0.5)).layers[0]
+    return curdkv.capture_prefill(model, random_ids(150)).build_cache(AdaCurDKVPress(0.5)).layers[0]
 
 
 def test_stack_caches_converts_dense_full_and_ragged():
@@ -332,7 +332,7 @@ def test_stack_caches_converts_dense_full_and_ragged():
     model = curdkv.load_model("random:tiny-qwen2", dtype=torch.float32, device="cpu")[0]
     ids = random_ids(200, seed=10)
     capture = curdkv.capture_prefill(model, ids)
-    caches = [capture.build_cache(None), capture.build_cache(CurDKVPress(0.5)), capture.build_cache(AdaCurDKV(0.9))]
+    caches = [capture.build_cache(None), capture.build_cache(CurDKVPress(0.5)), capture.build_cache(AdaCurDKVPress(0.9))]
     stacked = stack_caches(caches, 200)
     assert [int(x) for x in stacked.layers[0].lengths.sum(-1)] == [
         200 * model.config.num_key_value_heads, 100 * model.config.num_key_value_heads,
@@ -340,7 +340,7 @@ def test_stack_caches_converts_dense_full_and_ragged():
     ]
     assert stacked.get_seq_length() == 200
     with pytest.raises(ValueError, match="MaskedLayer"):
-        stack_caches([capture.build_cache(AdaCurDKV(0.5), "masked")], 200)
+        stack_caches([capture.build_cache(AdaCurDKVPress(0.5), "masked")], 200)
 
 
 def test_stack_caches_of_one_length_stay_dense_and_decode_as_each_alone():
@@ -411,8 +411,8 @@ class _ProbePress(curdkv.presses.window.WindowPress):
         return [11 + int(10 * self.compression_ratio)] * len(scores)
 
 
-@pytest.mark.parametrize("wrap", [lambda p: AdaKV(p, alpha=0.3), lambda p: curdkv.ChunkKVPress(0.5, press=p)],
-                         ids=["AdaKV", "ChunkKV"])
+@pytest.mark.parametrize("wrap", [lambda p: AdaKVPress(p, alpha=0.3), lambda p: curdkv.ChunkKVPress(0.5, press=p)],
+                         ids=["AdaKVPress", "ChunkKV"])
 def test_every_wrapper_hands_on_every_trait_it_does_not_set_itself(wrap):
     from curdkv.presses.base import TRAITS, WrapperPress
 
@@ -445,7 +445,7 @@ def test_chunkkv_over_pyramidkv_keeps_its_layer_budgets(tiny_models):
     assert [layer.stored_length for layer in live.layers] == pyramid
 
 
-@pytest.mark.parametrize("base", [lambda: AdaCurDKV(0.5), lambda: curdkv.presses.LAVaPress()], ids=["AdaCurDKV", "LAVa"])
+@pytest.mark.parametrize("base", [lambda: AdaCurDKVPress(0.5), lambda: curdkv.presses.LAVaPress()], ids=["AdaCurDKVPress", "LAVa"])
 def test_chunkkv_refuses_a_head_adaptive_base(base):
     with pytest.raises(ValueError, match="ChunkKV keeps the same chunks in every head"):
         curdkv.ChunkKVPress(0.5, press=base())

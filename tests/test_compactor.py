@@ -18,7 +18,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 import curdkv
 from curdkv.cache.dense import CompressedCache
 from curdkv.models import random_config
-from curdkv.presses import AdaKV, ScoringView
+from curdkv.presses import AdaKVPress, ScoringView
 from curdkv.presses import compactor as compactor_module
 from curdkv.presses.base import ALL_QUERIES
 from curdkv.presses.calibration import CalibrationCurve, calibrated_ratio, fit_calibration
@@ -436,7 +436,7 @@ def test_head_adaptive_compactor_keeps_the_layer_budget():
     model = tiny_model("tiny-llama")
     ids = random_ids(180, seed=17)
     capture = curdkv.capture_prefill(model, ids, query_window=ALL_QUERIES)
-    cache = capture.build_cache(AdaKV(CompactorPress(0.6, chunk_size=32)))
+    cache = capture.build_cache(AdaKVPress(CompactorPress(0.6, chunk_size=32)))
     kept = 180 - int(180 * 0.6)
     for layer in cache.layers:
         assert int(layer.lengths.sum()) == model.config.num_key_value_heads * kept

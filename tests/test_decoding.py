@@ -9,7 +9,7 @@ import torch
 
 import curdkv
 from curdkv.presses import KNormPress, SnapKVPress, StreamingLLMPress
-from curdkv.presses.adakv import AdaSnapKV
+from curdkv.presses.adakv import AdaSnapKVPress
 from curdkv.presses.base import Press
 from curdkv.transformers_compat import find_cache, forward_with_cache
 
@@ -86,7 +86,7 @@ def test_max_cache_tokens_must_exceed_protected_tokens(model, bad):
 
 def test_max_cache_tokens_refuses_head_adaptive_and_ragged(model):
     with pytest.raises(ValueError, match="head-adaptive"):
-        with curdkv.compress(model, AdaSnapKV(0.5, window_size=8), max_cache_tokens=64):
+        with curdkv.compress(model, AdaSnapKVPress(0.5, window_size=8), max_cache_tokens=64):
             pass
     with pytest.raises(ValueError, match="layout must be 'dense'"):
         with curdkv.compress(model, SnapKVPress(0.5, window_size=8), layout="ragged", max_cache_tokens=64):

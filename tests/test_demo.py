@@ -23,7 +23,7 @@ def test_demo_answers_each_configuration_as_it_would_be_answered_alone(smollm2, 
         ("full", 0.0), ("curdkv", 0.5), ("curdkv", 0.9), ("snapkv", 0.5), ("snapkv", 0.9),
         ("streamingllm", 0.5), ("streamingllm", 0.9)]
     sample = needle_samples(tokenizer, 1, settings.context_tokens, seed=settings.seed)[0]
-    capture = curdkv.prefill_capture(model, tokenizer, sample.context)
+    capture = curdkv.capture_prefill(model, sample.context, tokenizer)
     for record in records:
         press = None if record["method"] == "full" else curdkv.get_press(record["method"], record["compression_ratio"])
         alone = curdkv.CompressedContext.from_capture(model, tokenizer, capture, press)

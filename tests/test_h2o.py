@@ -10,7 +10,7 @@ import torch
 import curdkv
 from curdkv.presses import ScoringView
 from curdkv.presses import h2o as h2o_module
-from curdkv.presses.adakv import AdaKV
+from curdkv.presses.adakv import AdaKVPress
 from curdkv.presses.base import ALL_QUERIES
 from curdkv.presses.h2o import H2OPress, accumulated_attention
 from curdkv.cache.ragged import RaggedLayer
@@ -230,7 +230,7 @@ def test_inside_adakv_keeps_recent_tokens_and_total_budget():
     model = tiny_model("tiny-llama")
     n, window, ratio = 120, 8, 0.6
     ids = random_ids(n, seed=2)
-    press = AdaKV(H2OPress(compression_ratio=ratio, window_size=window, chunk_size=16))
+    press = AdaKVPress(H2OPress(compression_ratio=ratio, window_size=window, chunk_size=16))
     assert press.query_window == ALL_QUERIES
     full = curdkv.capture_prefill(model, ids, query_window=n)
     cache = curdkv.CompressedCache()

@@ -588,7 +588,7 @@ def test_gpu_time_sees_when_the_host_is_behind():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU time needs CUDA")
 def test_decode_gpu_time_is_below_wall_time_and_grows_with_the_cache():
     from curdkv.bench.timing import decode_gpu_seconds_per_token, decode_seconds_per_token
-    from curdkv.runtime.capture import capture_prefill
+    from curdkv import capture_prefill
 
     model, _ = curdkv.load_model("random:tiny-llama", dtype=torch.float16, device="cuda")
     times = {}

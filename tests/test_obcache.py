@@ -9,7 +9,7 @@ import torch
 
 import curdkv
 from curdkv.presses import ScoringView
-from curdkv.presses.adakv import AdaKV
+from curdkv.presses.adakv import AdaKVPress
 from curdkv.presses.obcache import OBCachePress
 from curdkv.cache.ragged import RaggedLayer
 from curdkv.selection import kept_count, select_uniform
@@ -289,7 +289,7 @@ def test_inside_adakv_keeps_window_and_total_budget(saliency):
     model = tiny_model("tiny-llama")
     n, window, ratio = 120, 16, 0.6
     ids = random_ids(n, seed=2)
-    press = AdaKV(OBCachePress(compression_ratio=ratio, window_size=window, saliency=saliency), alpha=0.2)
+    press = AdaKVPress(OBCachePress(compression_ratio=ratio, window_size=window, saliency=saliency), alpha=0.2)
     assert press.name == "adaobcache" and press.protected_recent == window and press.query_window == window
     full = curdkv.capture_prefill(model, ids, query_window=window)
     cache = curdkv.CompressedCache()

@@ -93,7 +93,7 @@ def test_layer_problems_of_a_uniform_layer_count_nan_only_and_are_read_with_the_
 
 def test_adaptive_layer_with_an_empty_head_is_refused():
     # alpha=0, no sinks: the shared budget can all go to one head.
-    press = curdkv.AdaCurDKV(compression_ratio=0.5, alpha=0.0, num_sinks=0)
+    press = curdkv.AdaCurDKVPress(compression_ratio=0.5, alpha=0.0, num_sinks=0)
     keys = torch.randn(1, 2, 20, 8)
     scores = torch.zeros(1, 2, 20)
     scores[0, 0] = 1.0

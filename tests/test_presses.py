@@ -23,7 +23,7 @@ from curdkv.presses import (
     SnapKVPress,
     StreamingLLMPress,
 )
-from curdkv.runtime.layer import compress_states
+from helpers import compress_states
 from curdkv.cache.gather import gather_tokens
 from curdkv.selection import kept_count, select_uniform
 

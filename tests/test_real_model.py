@@ -8,6 +8,7 @@ import torch
 import curdkv
 from curdkv.context import CompressedContext
 from curdkv.eval.needle import answered, needle_samples
+from helpers import stored_lengths
 
 pytestmark = pytest.mark.real_model
 
@@ -62,14 +63,14 @@ def test_curdkv_half_cache_answers_needle(compressed_ctx, sample):
 
 
 def test_asking_twice_same_answer_and_cache_unchanged(compressed_ctx, sample):
-    lengths = compressed_ctx.cache.stored_lengths()
+    lengths = stored_lengths(compressed_ctx.cache)
     seq_len = compressed_ctx.cache.get_seq_length()
     nbytes = compressed_ctx.nbytes()
     first = ask(compressed_ctx, sample)
-    assert compressed_ctx.cache.stored_lengths() == lengths
+    assert stored_lengths(compressed_ctx.cache) == lengths
     second = ask(compressed_ctx, sample)
     assert second == first
-    assert compressed_ctx.cache.stored_lengths() == lengths
+    assert stored_lengths(compressed_ctx.cache) == lengths
     assert compressed_ctx.cache.get_seq_length() == seq_len == compressed_ctx.context_length
     assert compressed_ctx.nbytes() == nbytes
 
@@ -78,15 +79,15 @@ def test_half_compression_halves_bytes(full_ctx, compressed_ctx):
     n = full_ctx.context_length
     assert compressed_ctx.context_length == n
     kept = n - int(n * 0.5)
-    assert full_ctx.cache.stored_lengths() == [n] * len(full_ctx.cache.layers)
-    assert compressed_ctx.cache.stored_lengths() == [kept] * len(compressed_ctx.cache.layers)
+    assert stored_lengths(full_ctx.cache) == [n] * len(full_ctx.cache.layers)
+    assert stored_lengths(compressed_ctx.cache) == [kept] * len(compressed_ctx.cache.layers)
     assert compressed_ctx.nbytes() * n == full_ctx.nbytes() * kept
     assert compressed_ctx.nbytes() / full_ctx.nbytes() == pytest.approx(0.5, abs=0.01)
 
 
 def test_sweep_path_gives_same_answer(smollm2, sample, compressed_ctx):
     model, tokenizer = smollm2
-    capture = curdkv.prefill_capture(model, tokenizer, sample.context)
+    capture = curdkv.capture_prefill(model, sample.context, tokenizer)
     swept = CompressedContext.from_capture(model, tokenizer, capture, curdkv_press())
     assert swept.context_length == compressed_ctx.context_length
     for a, b in zip(swept.cache.layers, compressed_ctx.cache.layers):
@@ -110,15 +111,15 @@ def test_sketch_estimator_needle(smollm2, sample):
 
 def test_adacurdkv_half_cache_answers_needle_on_the_ragged_cache(smollm2, sample, full_ctx):
     model, tokenizer = smollm2
-    capture = curdkv.prefill_capture(model, tokenizer, sample.context)
-    press = curdkv.AdaCurDKV(compression_ratio=0.5)
+    capture = curdkv.capture_prefill(model, sample.context, tokenizer)
+    press = curdkv.AdaCurDKVPress(compression_ratio=0.5)
     ragged = CompressedContext.from_capture(model, tokenizer, capture, press)
     masked = CompressedContext.from_capture(model, tokenizer, capture, press, layout="masked")
     assert all(isinstance(layer, curdkv.RaggedLayer) for layer in ragged.cache.layers)
     lengths = torch.stack([layer.lengths for layer in ragged.cache.layers])
     assert lengths.min() < lengths.max(), "heads should get different budgets"
     prediction = ask(ragged, sample)
-    assert answered(sample, prediction), f"AdaCurDKV at 50% answered {prediction!r}, expected {sample.answer}"
+    assert answered(sample, prediction), f"AdaCurDKVPress at 50% answered {prediction!r}, expected {sample.answer}"
     # Equal through the needle. In bfloat16 the ragged reference attention and sdpa over the masked
     # layout round differently, and later tokens can flip at near-ties: under transformers 5.17 the
     # two answers parted after the needle (":\n\n- 6088505\n- 6" against ":\n\n- 6088505\n\nThese are").

@@ -16,6 +16,7 @@ from curdkv.selection import select_uniform
 
 from conftest import DTYPES, random_ids
 from curdkv.transformers_compat import cache_keyword, forward_with_cache
+from helpers import stored_lengths
 
 # Uniform presses; head-adaptive ones are tested in test_adaptive.py.
 # Uniform presses: every layer and head keeps the same count (LAVa and PyramidKV set
@@ -107,8 +108,8 @@ def test_kept_count_logical_length_and_nbytes(model, press_name, n, ratio):
         assert layer.stored_length == kept
         assert layer.get_seq_length() == n  # logical length: RoPE positions continue after the context
     assert cache.get_seq_length() == n
-    assert cache.stored_lengths() == [kept] * cfg.num_hidden_layers
-    assert full.stored_lengths() == [n] * cfg.num_hidden_layers
+    assert stored_lengths(cache) == [kept] * cfg.num_hidden_layers
+    assert stored_lengths(full) == [n] * cfg.num_hidden_layers
     assert full.nbytes() > 0
     assert cache.nbytes() * n == full.nbytes() * kept
     assert curdkv.cache_nbytes(cache) == cache.nbytes()
@@ -130,7 +131,7 @@ def test_ratio_zero_changes_nothing(model, press_name):
         cache = CompressedCache()
         forward_with_cache(model, cache, input_ids=ids, use_cache=True)
     assert torch.allclose(logits, reference, atol=1e-6, rtol=0)
-    assert cache.stored_lengths() == [150] * model.config.num_hidden_layers
+    assert stored_lengths(cache) == [150] * model.config.num_hidden_layers
 
     gen_ref = model.generate(ids, max_new_tokens=8, do_sample=False)
     with curdkv.compress(model, press):
@@ -144,7 +145,7 @@ def test_build_cache_none_is_full_cache(model):
     cap = curdkv.capture_prefill(model, ids)
     full = cap.build_cache(None)
     zero = cap.build_cache(curdkv.CurDKVPress(compression_ratio=0.0))
-    assert full.stored_lengths() == zero.stored_lengths() == [150] * model.config.num_hidden_layers
+    assert stored_lengths(full) == stored_lengths(zero) == [150] * model.config.num_hidden_layers
     assert full.nbytes() == cap.nbytes()
     for (kf, vf), (kz, vz) in zip(layer_states(full), layer_states(zero)):
         assert torch.equal(kf, kz) and torch.equal(vf, vz)
@@ -201,9 +202,9 @@ def test_generation_equals_hand_gathered_cache(model, press_name):
     press = make_press(press_name)
     ids = random_ids(220, seed=3)
     cache = hand_compressed_cache(model, press, ids)
-    assert cache.stored_lengths() == [110] * model.config.num_hidden_layers
+    assert stored_lengths(cache) == [110] * model.config.num_hidden_layers
     reference = greedy_by_hand(model, ids, cache, steps=8)
-    assert cache.stored_lengths() == [110 + 7] * model.config.num_hidden_layers
+    assert stored_lengths(cache) == [110 + 7] * model.config.num_hidden_layers
 
     with curdkv.compress(model, press):
         out = model.generate(ids, max_new_tokens=8, do_sample=False)
@@ -281,7 +282,7 @@ def test_dtypes_compress_and_generate(arch, tiny_models, press_name, dtype_name)
     for logits in out.logits:
         assert not torch.isnan(logits).any()
     steps = out.sequences.shape[1] - 160
-    assert cache.stored_lengths()[0] == 80 + steps - 1
+    assert stored_lengths(cache)[0] == 80 + steps - 1
     assert cache.layers[0].keys.dtype == dtype
     assert_no_hooks(model)
 
@@ -446,7 +447,7 @@ def test_multi_token_append_equals_one_at_a_time(model, press_name):
             ],
             dim=1,
         )
-    assert cache.stored_lengths() == [106] * model.config.num_hidden_layers
+    assert stored_lengths(cache) == [106] * model.config.num_hidden_layers
     assert cache.get_seq_length() == 206
     assert torch.allclose(together, one_by_one, atol=1e-5, rtol=1e-5)
 

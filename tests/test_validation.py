@@ -22,7 +22,7 @@ from curdkv.presses import (
     StreamingLLMPress,
     parse_press_spec,
 )
-from curdkv.runtime.layer import compress_states
+from helpers import compress_states
 from curdkv.selection import kept_count, select_uniform
 
 PRESS_CLASSES = [CurDKVPress, SnapKVPress, ChunkKVPress, KNormPress, StreamingLLMPress, RandomPress]

@@ -2,59 +2,89 @@
 
 Core method: CurDKV (Sengupta, Chaudhary, Chakraborty 2025, arXiv 2509.15038),
 value-guided token selection by CUR leverage scores, with the baselines the
-paper compares against.
+paper compares against and the related methods of the field.
+
+The public API: every press, :func:`prefill` and :meth:`CompressedContext.ask`
+(query-agnostic answering), :func:`compress` (any ``model(...)`` or
+``generate`` call), :func:`capture_prefill` (one prefill, many compressed
+caches), and the cache types they produce.
 """
 
 from .cache.dense import CompressedCache, CompressedLayer, cache_nbytes
 from .cache.masked import MaskedLayer
 from .cache.ragged import RaggedLayer
-from .context import CompressedContext, prefill, prefill_capture
+from .context import CompressedContext, capture_prefill, prefill
+from .context import prefill_capture as prefill_capture  # deprecated, warns when called
 from .models import DEFAULT_MODEL, load_model
 from .presses import (
     PRESSES,
-    AdaCurDKV,
-    AdaKV,
-    AdaSnapKV,
+    AdaCurDKVPress,
+    AdaKVPress,
+    AdaSnapKVPress,
     ChunkKVPress,
+    CompactorPress,
     CurDKVPress,
+    H2OPress,
     KNormPress,
+    LAVaPress,
+    LookaheadQCachePress,
+    MorphKVPress,
+    OBCachePress,
     Press,
+    PyramidKVPress,
     RandomPress,
     ScoringView,
     SnapKVPress,
     StreamingLLMPress,
+    WrapperPress,
     get_press,
 )
-from .runtime.capture import PrefillCapture, capture_prefill
+from .presses.adakv import deprecated_name
+from .runtime.capture import PrefillCapture
 from .runtime.hooks import compress
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaKV",
-    "AdaCurDKV",
-    "AdaSnapKV",
-    "RaggedLayer",
-    "MaskedLayer",
-    "CompressedCache",
-    "CompressedLayer",
-    "CompressedContext",
-    "PrefillCapture",
+    # presses
     "Press",
+    "WrapperPress",
     "ScoringView",
     "CurDKVPress",
+    "AdaCurDKVPress",
     "SnapKVPress",
+    "AdaSnapKVPress",
+    "AdaKVPress",
     "ChunkKVPress",
     "KNormPress",
     "StreamingLLMPress",
     "RandomPress",
+    "PyramidKVPress",
+    "LAVaPress",
+    "LookaheadQCachePress",
+    "MorphKVPress",
+    "OBCachePress",
+    "H2OPress",
+    "CompactorPress",
     "PRESSES",
     "get_press",
+    # running them
+    "prefill",
+    "CompressedContext",
     "compress",
     "capture_prefill",
-    "prefill",
-    "prefill_capture",
+    "PrefillCapture",
+    # what they produce
+    "CompressedCache",
+    "CompressedLayer",
+    "RaggedLayer",
+    "MaskedLayer",
     "cache_nbytes",
+    # models
     "load_model",
     "DEFAULT_MODEL",
 ]
+
+
+def __getattr__(name: str):
+    return deprecated_name(__name__, name)

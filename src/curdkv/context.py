@@ -9,12 +9,14 @@ same compressed cache.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .attention.function import using_curdkv_attention
 from .cache.dense import CompressedCache
 from .presses.base import Press, check_press
-from .runtime.capture import PrefillCapture, capture_prefill
+from .runtime.capture import PrefillCapture, capture_ids
 from .runtime.hooks import compress
 from .runtime.model import attention_modules, refuse_inside_compress
 from .transformers_compat import forward_with_cache
@@ -175,7 +177,27 @@ def prefill(
     return CompressedContext(model, tokenizer, cache, ids.shape[1], press)
 
 
+def capture_prefill(model, context, tokenizer=None, *, query_window: int = 64) -> PrefillCapture:
+    """Run one full prefill and keep what presses read: the sweep path's one entry point.
+
+    ``context``: text (encoded with ``tokenizer`` as :func:`prefill` does) or
+    token ids ``[B, N]``. :meth:`PrefillCapture.build_cache` then builds the
+    compressed cache of any press and ratio without running the model again.
+    ``query_window``: the context queries kept (a press's ``query_window``,
+    or :data:`curdkv.presses.base.ALL_QUERIES`).
+
+    >>> capture = curdkv.capture_prefill(model, long_text, tokenizer)
+    >>> caches = {r: capture.build_cache(curdkv.CurDKVPress(r)) for r in (0.5, 0.9)}
+    """
+    if isinstance(context, str):
+        if tokenizer is None:
+            raise ValueError("tokenizer is required when context is text (or pass token ids [batch, seq_len])")
+        context = encode_context(tokenizer, context, next(model.parameters()).device)
+    return capture_ids(model, context, query_window)
+
+
 def prefill_capture(model, tokenizer, context: str, query_window: int = 64) -> PrefillCapture:
-    """The sweep path's prefill of a text context (see :func:`curdkv.capture_prefill`)."""
-    device = next(model.parameters()).device
-    return capture_prefill(model, encode_context(tokenizer, context, device), query_window)
+    """Deprecated: ``capture_prefill(model, context, tokenizer)``; the old name goes in the next release."""
+    warnings.warn("curdkv.prefill_capture(model, tokenizer, text) is deprecated; use "
+                  "curdkv.capture_prefill(model, text, tokenizer)", DeprecationWarning, stacklevel=2)
+    return capture_prefill(model, context, tokenizer, query_window=query_window)

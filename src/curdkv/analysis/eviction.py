@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime.capture import capture_prefill
+from ..context import capture_prefill
 from .common import expand_kv, full_attention
 
 

@@ -20,7 +20,7 @@ from collections import defaultdict
 import torch
 
 from ..presses import get_press
-from ..runtime.capture import capture_prefill
+from ..context import capture_prefill
 from ..runtime.layer import kept_mask
 from .common import expand_kv, full_attention
 

@@ -68,7 +68,7 @@ from transformers import DynamicCache
 from ..models import load_model
 from ..presses import get_press, parse_press_spec
 from ..report import environment
-from ..runtime.capture import capture_prefill
+from ..context import capture_prefill
 from ..runtime.hooks import compress
 from ..runtime.layer import compress_layer
 from ..runtime.model import attention_modules

@@ -85,7 +85,7 @@ def gpu_time(fn, device: torch.device, repeats: int, warmup: int = 1, host_secon
         return GpuTime(median_seconds(fn, device, repeats, warmup), repeats, 0)
     if host_seconds is None:
         host_seconds = median_seconds(fn, device, max(1, min(repeats, 3)), warmup)
-    cycles = int(2 * host_seconds * _sleep_cycles_per_second(device.index)) + 1
+    cycles = int(2 * host_seconds * sleep_cycles_per_second(device.index)) + 1
     times, behind = [], 0
     for _ in range(repeats):
         if check:
@@ -160,7 +160,7 @@ def overlapped_seconds(work, beside, device: torch.device, rounds: int) -> float
 
 
 @functools.cache
-def _sleep_cycles_per_second(device_index: int | None) -> float:
+def sleep_cycles_per_second(device_index: int | None) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     cycles = 10_000_000
     torch.cuda._sleep(cycles)  # warm-up

@@ -109,9 +109,6 @@ class CompressedCache(DynamicCache):
         """Bytes of keys and values held, over all layers."""
         return cache_nbytes(self)
 
-    def stored_lengths(self) -> list[int]:
-        return [layer.stored_length for layer in self.layers]
-
     def snapshot(self) -> list:
         """Every layer's state, without copying tensors (appending never writes into held tokens)."""
         return [layer.snapshot() for layer in self.layers]

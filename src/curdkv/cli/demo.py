@@ -7,25 +7,24 @@ from it, so the table compares methods on identical prefills.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
 from ..cache.stack import stack_caches
-from ..context import answer_greedily, prefill_capture
+from ..context import answer_greedily, capture_prefill
 from ..eval.needle import answered, needle_samples
-from ..models import dtype_name, load_model
+from ..models import DEFAULT_MODEL, dtype_name, load_model, model_names
 from ..presses import get_press
 from ..report import markdown_table
-
-DEFAULT_PRESSES = ("full", "curdkv", "curdkv-sketch", "snapkv", "knorm", "streamingllm")
-
+from .args import DEMO_PRESSES, positive, presses, ratios
 
 @dataclass
 class DemoSettings:
-    model: str = "smollm2-135m"
-    presses: tuple[str, ...] = DEFAULT_PRESSES
+    model: str = DEFAULT_MODEL
+    presses: tuple[str, ...] = DEMO_PRESSES
     ratios: tuple[float, ...] = (0.5, 0.9)
     samples: int = 6
     context_tokens: int = 4096
@@ -76,7 +75,7 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> list[dict]:
     bar = tqdm(total=len(samples) * len(configs), desc="demo", unit="answer", disable=not progress)
     for sample in samples:
         start = time.perf_counter()
-        capture = prefill_capture(model, tokenizer, sample.context)
+        capture = capture_prefill(model, sample.context, tokenizer)
         prefill_seconds += time.perf_counter() - start
         for group in groups:
             start = time.perf_counter()
@@ -143,3 +142,35 @@ def format_results(records: list[dict]) -> str:
 def write_json(records: list[dict], path: str) -> None:
     with open(path, "w") as f:
         json.dump(records, f, indent=2)
+
+
+def add_demo(sub) -> None:
+    demo = sub.add_parser("demo", help="needle-in-a-haystack answers under compression on the bundled model")
+    demo.add_argument("--model", default=DEFAULT_MODEL, help=f"one of {model_names()}")
+    demo.add_argument("--presses", type=presses, default=None, help="comma-separated, e.g. full,curdkv,snapkv")
+    demo.add_argument("--ratios", type=ratios, default=None, help="compression ratios, e.g. 0.5,0.9")
+    demo.add_argument("--samples", type=positive, default=None, help="needle prompts (default 6)")
+    demo.add_argument("--context-tokens", type=positive, default=None, help="prompt length (default 4096)")
+    demo.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                      help="auto: bfloat16 on GPUs, float32 on CPUs")
+    demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    demo.add_argument("--json", dest="json_path", default=None, help="write one record per table row to this file")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_demo_command(args) -> int:
+    settings = DemoSettings(model=args.model, dtype=args.dtype, device=args.device)
+    for field, value in (("presses", args.presses), ("ratios", args.ratios), ("samples", args.samples),
+                         ("context_tokens", args.context_tokens)):
+        if value is not None:
+            setattr(settings, field, value)
+    try:
+        records = run_demo(settings, progress=not args.no_progress)
+    except ValueError as error:
+        print(f"curdkv demo: error: {error}", file=sys.stderr)
+        return 2
+    print(format_results(records))
+    if args.json_path:
+        write_json(records, args.json_path)
+        print(f"wrote {args.json_path}")
+    return 0

@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import sys
 
+from .args import lengths, positive, presses, ratios
 
-def add_bench(sub, parse) -> None:
-    """``parse``: the shared argument parsers of :mod:`curdkv.cli` (lengths, ratios, presses, positive)."""
+
+def add_bench(sub) -> None:
     from ..bench.speed import BenchSettings
 
     d = BenchSettings.__dataclass_fields__
     bench = sub.add_parser("bench", help="KV bytes, peak memory, prefill, decode and compression overhead")
     bench.add_argument("--model", default=d["model"].default, help="model name (default random:llama-3.1-8b)")
-    bench.add_argument("--lengths", type=parse["lengths"], default=d["lengths"].default,
+    bench.add_argument("--lengths", type=lengths, default=d["lengths"].default,
                        help="context lengths in tokens (default 4096,16384,32768,65536,131072)")
-    bench.add_argument("--ratios", type=parse["ratios"], default=d["ratios"].default,
+    bench.add_argument("--ratios", type=ratios, default=d["ratios"].default,
                        help="compression ratios (default 0,0.2,0.4,0.6,0.8,0.9; 0 is the full cache)")
-    bench.add_argument("--methods", type=parse["presses"], default=d["methods"].default,
+    bench.add_argument("--methods", type=presses, default=d["methods"].default,
                        help="press specs (default curdkv,adacurdkv,snapkv); the full cache is always measured")
-    bench.add_argument("--decode-tokens", type=parse["positive"], default=d["decode_tokens"].default,
+    bench.add_argument("--decode-tokens", type=positive, default=d["decode_tokens"].default,
                        help="greedy tokens per decode measurement (default 100, no early stop)")
-    bench.add_argument("--repeats", type=parse["positive"], default=d["repeats"].default,
+    bench.add_argument("--repeats", type=positive, default=d["repeats"].default,
                        help="overhead measurements per configuration, median (default 3)")
-    bench.add_argument("--decode-repeats", type=parse["positive"], default=d["decode_repeats"].default,
+    bench.add_argument("--decode-repeats", type=positive, default=d["decode_repeats"].default,
                        help="decode measurements per configuration, median (default 2)")
     bench.add_argument("--dtype", default=d["dtype"].default, choices=["bfloat16", "float16", "float32"])
     bench.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -48,24 +49,24 @@ def run_bench_command(args) -> int:
     return 0
 
 
-def add_analyze(sub, parse) -> None:
+def add_analyze(sub) -> None:
     from ..models import DEFAULT_MODEL
 
     analyze = sub.add_parser("analyze", help="attention reconstruction error and single-token eviction (paper Figs 1-2)")
     kinds = analyze.add_subparsers(dest="analysis", required=True)
     rec = kinds.add_parser("reconstruction", help="errors of QKᵀ and softmax(QKᵀ)V per press, ratio, layer")
-    rec.add_argument("--presses", type=parse["presses"],
-                     default=parse["presses"]("curdkv,adacurdkv,snapkv,adasnapkv,chunkkv,knorm,streamingllm"),
+    rec.add_argument("--presses", type=presses,
+                     default=presses("curdkv,adacurdkv,snapkv,adasnapkv,chunkkv,knorm,streamingllm"),
                      help="press specs (default curdkv,adacurdkv,snapkv,adasnapkv,chunkkv,knorm,streamingllm)")
-    rec.add_argument("--ratios", type=parse["ratios"], default=(0.5, 0.9), help="compression ratios (default 0.5,0.9)")
+    rec.add_argument("--ratios", type=ratios, default=(0.5, 0.9), help="compression ratios (default 0.5,0.9)")
     ev = kinds.add_parser("eviction", help="mean attention vs output error of evicting each token alone")
     ev.add_argument("--layer", type=int, default=None, help="layer (default: the middle one)")
     ev.add_argument("--head", type=int, default=0, help="query head (default 0)")
     for p in (rec, ev):
         p.add_argument("--model", default=DEFAULT_MODEL, help="model name (default smollm2-135m)")
         p.add_argument("--text", default=None, help="a text file (default: the bundled Paul Graham essays)")
-        p.add_argument("--context-tokens", type=parse["positive"], default=2048, help="prefix to compress (default 2048)")
-        p.add_argument("--future-tokens", type=parse["positive"], default=64,
+        p.add_argument("--context-tokens", type=positive, default=2048, help="prefix to compress (default 2048)")
+        p.add_argument("--future-tokens", type=positive, default=64,
                        help="following tokens whose queries measure the error (default 64)")
         p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                       help="auto: bfloat16 on GPUs, float32 on CPUs")

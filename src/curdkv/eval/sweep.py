@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..cache.stack import stack_caches
-from ..context import answer_greedily, prefill_capture
+from ..context import answer_greedily, capture_prefill
 from ..presses import get_press, parse_press_spec
 from .sample import EvalSample
 
@@ -201,7 +201,7 @@ class Sweep:
 
     @torch.no_grad()
     def answer(self, sample: EvalSample, configs: list[Config]) -> list[dict]:
-        capture = prefill_capture(self.model, self.tokenizer, sample.context, query_window=self.query_window)
+        capture = capture_prefill(self.model, sample.context, self.tokenizer, query_window=self.query_window)
         records = []
         for start in range(0, len(configs), self.batch_size):
             chunk = configs[start : start + self.batch_size]

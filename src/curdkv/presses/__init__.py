@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .adakv import AdaCurDKV, AdaKV, AdaSnapKV
-from .base import Press, ScoringView
+from .adakv import AdaCurDKVPress, AdaKVPress, AdaSnapKVPress, deprecated_name
+from .base import Press, ScoringView, WrapperPress
 from .chunkkv import ChunkKVPress
 from .compactor import CompactorPress
 from .curdkv import CurDKVPress
@@ -28,18 +28,18 @@ PRESSES: dict[str, Callable[..., Press]] = {
     "knorm": KNormPress,
     "streamingllm": StreamingLLMPress,
     "random": RandomPress,
-    "adacurdkv": AdaCurDKV,
-    "adacurdkv-sketch": lambda **kw: AdaCurDKV(estimator="projection", **kw),
-    "adasnapkv": AdaSnapKV,
+    "adacurdkv": AdaCurDKVPress,
+    "adacurdkv-sketch": lambda **kw: AdaCurDKVPress(estimator="projection", **kw),
+    "adasnapkv": AdaSnapKVPress,
     "pyramidkv": PyramidKVPress,
     "lava": LAVaPress,
     "lookahead": LookaheadQCachePress,
     "morphkv": MorphKVPress,
     "obcache": OBCachePress,
-    "adaobcache": lambda alpha=0.2, **kw: AdaKV(OBCachePress(**kw), alpha),
+    "adaobcache": lambda alpha=0.2, **kw: AdaKVPress(OBCachePress(**kw), alpha),
     "h2o": H2OPress,
     "compactor": CompactorPress,
-    "adacompactor": lambda alpha=0.2, **kw: AdaKV(CompactorPress(**kw), alpha),
+    "adacompactor": lambda alpha=0.2, **kw: AdaKVPress(CompactorPress(**kw), alpha),
 }
 
 
@@ -113,6 +113,7 @@ def get_press(name: str, compression_ratio: float | None = None, /, **options) -
 
 __all__ = [
     "Press",
+    "WrapperPress",
     "ScoringView",
     "CurDKVPress",
     "SnapKVPress",
@@ -120,9 +121,9 @@ __all__ = [
     "KNormPress",
     "StreamingLLMPress",
     "RandomPress",
-    "AdaKV",
-    "AdaCurDKV",
-    "AdaSnapKV",
+    "AdaKVPress",
+    "AdaCurDKVPress",
+    "AdaSnapKVPress",
     "PyramidKVPress",
     "LAVaPress",
     "LookaheadQCachePress",
@@ -134,3 +135,7 @@ __all__ = [
     "get_press",
     "parse_press_spec",
 ]
+
+
+def __getattr__(name: str):
+    return deprecated_name(__name__, name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from ..selection import check_alpha
 from .base import Press, ScoringView, WrapperPress, check_press
 from .chunkkv import ChunkKVPress
@@ -9,7 +11,7 @@ from .curdkv import CurDKVPress
 from .snapkv import SnapKVPress
 
 
-class AdaKV(WrapperPress):
+class AdaKVPress(WrapperPress):
     """AdaKV (Feng et al. 2024, arXiv 2407.11550), in the form the CurDKV paper uses.
 
     Wraps ``press`` and keeps its scores, but instead of every KV head
@@ -39,14 +41,14 @@ class AdaKV(WrapperPress):
 
     def __init__(self, press: Press, alpha: float = 0.2):
         check_press(press)
-        if isinstance(press, (AdaKV, ChunkKVPress)):
+        if isinstance(press, (AdaKVPress, ChunkKVPress)):
             raise ValueError(
                 f"press must score single tokens; {type(press).__name__} cannot be made head-adaptive "
-                "(AdaKV is already adaptive; ChunkKV keeps whole chunks for every head)"
+                "(AdaKVPress is already adaptive; ChunkKV keeps whole chunks for every head)"
             )
         if not press.scores_comparable_across_heads:
             raise ValueError(
-                f"press must have scores comparable across heads for AdaKV; {type(press).__name__}'s are not "
+                f"press must have scores comparable across heads for AdaKVPress; {type(press).__name__}'s are not "
                 "(use CurDKVPress or SnapKVPress)"
             )
         self.press = press
@@ -63,9 +65,9 @@ class AdaKV(WrapperPress):
     def score(self, view: ScoringView):
         return self.press.score(view)
 
-    def with_ratio(self, compression_ratio: float) -> "AdaKV":
+    def with_ratio(self, compression_ratio: float) -> "AdaKVPress":
         clone = object.__new__(type(self))
-        AdaKV.__init__(clone, self.press.with_ratio(compression_ratio), self.alpha)
+        AdaKVPress.__init__(clone, self.press.with_ratio(compression_ratio), self.alpha)
         return clone
 
     def describe(self) -> str:
@@ -79,10 +81,10 @@ class AdaKV(WrapperPress):
     __hash__ = None  # mutable, like the dataclass presses
 
 
-class AdaCurDKV(AdaKV):
-    """AdaCurDKV (arXiv 2509.15038): CurDKV's leverage scores with AdaKV budgets.
+class AdaCurDKVPress(AdaKVPress):
+    """AdaCurDKVPress (arXiv 2509.15038): CurDKV's leverage scores with AdaKVPress budgets.
 
-    ``AdaCurDKV(compression_ratio=0.5, alpha=0.2, **curdkv_options)``; any
+    ``AdaCurDKVPress(compression_ratio=0.5, alpha=0.2, **curdkv_options)``; any
     :class:`CurDKVPress` option (``estimator``, ``leverage``...) passes through.
     """
 
@@ -90,8 +92,27 @@ class AdaCurDKV(AdaKV):
         super().__init__(CurDKVPress(compression_ratio=compression_ratio, **curdkv_options), alpha)
 
 
-class AdaSnapKV(AdaKV):
-    """AdaSnapKV (AdaKV arXiv 2407.11550 over SnapKV arXiv 2404.14469), the CurDKV paper's adaptive baseline."""
+class AdaSnapKVPress(AdaKVPress):
+    """AdaSnapKVPress (AdaKVPress arXiv 2407.11550 over SnapKV arXiv 2404.14469), the CurDKV paper's adaptive baseline."""
 
     def __init__(self, compression_ratio: float = 0.0, alpha: float = 0.2, **snapkv_options):
         super().__init__(SnapKVPress(compression_ratio=compression_ratio, **snapkv_options), alpha)
+
+
+# The wrappers' names before they ended in Press like every other press; kept, with a warning,
+# for one release.
+DEPRECATED_NAMES = {"AdaKV": "AdaKVPress", "AdaCurDKV": "AdaCurDKVPress", "AdaSnapKV": "AdaSnapKVPress"}
+
+
+def deprecated_name(module: str, name: str):
+    """A module ``__getattr__``: the press an old name stood for, with a ``DeprecationWarning``."""
+    new = DEPRECATED_NAMES.get(name)
+    if new is None:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    warnings.warn(f"{module}.{name} is deprecated and goes in the next release; use {module}.{new}",
+                  DeprecationWarning, stacklevel=3)
+    return globals()[new]
+
+
+def __getattr__(name: str):
+    return deprecated_name(__name__, name)

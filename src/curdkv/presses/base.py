@@ -110,7 +110,7 @@ class Press:
 
     scores_comparable_across_heads = False
 
-    # Head-adaptive presses share a layer's budget across its KV heads (AdaKV's selection, with
+    # Head-adaptive presses share a layer's budget across its KV heads (AdaKVPress's selection, with
     # each head first keeping its own top ``alpha`` share of the mean budget); the cache is ragged.
     head_adaptive = False
     alpha = 0.0

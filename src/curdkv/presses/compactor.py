@@ -271,14 +271,14 @@ class CompactorPress(Press):
     8. The last chunk may be shorter; its tokens attend among themselves (as
        kvpress; compactor-vllm pads its mass with ``1/C`` per missing query).
     9. Selection is per KV head (the same number of tokens per head); the
-       paper's top-k over all heads of a layer is ``AdaKV(CompactorPress(...))``.
+       paper's top-k over all heads of a layer is ``AdaKVPress(CompactorPress(...))``.
     10. Only a first prefill is scored (``view.positions`` must be ``None``):
         the non-causal attention pairs every cached key with its own token's
         query, which compression during decoding no longer has.
 
     The blended scores are z-scores, unitless with mean 0 and spread 1 in
     every head, and the paper ranks them across the heads of a layer, so
-    ``scores_comparable_across_heads`` is True: AdaKV may rank them jointly
+    ``scores_comparable_across_heads`` is True: AdaKVPress may rank them jointly
     (per-head normalisation makes each head's score distribution similar, so
     head budgets move less than with ``normalization="layer"``).
 

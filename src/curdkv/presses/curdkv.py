@@ -136,7 +136,7 @@ class CurDKVPress(Press):
     whatever the model dtype; keys are post-RoPE as cached.
 
     Scores are normalised per head, so they are comparable across heads in the
-    sense the paper's AdaCurDKV uses (each head's scores form a distribution).
+    sense the paper's AdaCurDKVPress uses (each head's scores form a distribution).
     """
 
     projection_dim: int | None = 20

@@ -54,7 +54,7 @@ class LAVaPress(WindowPress):
     scores share one scale across heads and layers, which gives both budgets:
 
     - heads: the layer's budget goes to its top scores over all KV heads,
-      after each head keeps its own top ``alpha`` share (AdaKV's safeguard);
+      after each head keeps its own top ``alpha`` share (AdaKVPress's safeguard);
       the cache is ragged, so what each head evicts is really freed;
     - layers: each layer's share of the total budget outside the windows is
       proportional to the normalised entropy of its scores (a flat score
@@ -70,7 +70,7 @@ class LAVaPress(WindowPress):
     its later layers less); the full cache is therefore held until the
     prefill ends. A layer whose share exceeds its context keeps it all, as
     in the code (the excess is not redistributed), and the safeguard is
-    curdkv's AdaKV one (a share of this layer's budget, where the code uses a
+    curdkv's AdaKVPress one (a share of this layer's budget, where the code uses a
     share of the configured budget).
     """
 

@@ -28,7 +28,7 @@ class SnapKVPress(WindowPress):
     the attention function, not recomputed).
 
     The scores of one head are attention probabilities, so they are
-    comparable across heads (AdaKV ranks them jointly).
+    comparable across heads (AdaKVPress ranks them jointly).
     """
 
     kernel_size: int = 5

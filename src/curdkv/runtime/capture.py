@@ -1,6 +1,6 @@
 """The sweep path: one full prefill kept, then a compressed cache for any press and ratio.
 
-:func:`capture_prefill` runs the prefill once and keeps what presses read;
+:func:`curdkv.capture_prefill` runs the prefill once and keeps what presses read;
 :meth:`PrefillCapture.build_cache` compresses it without running the model
 again. The tokens kept are those :func:`curdkv.compress` keeps during the
 prefill, because compressing layer l does not change what layer l+1 sees.
@@ -135,8 +135,9 @@ class PrefillCapture:
 
 
 @torch.no_grad()
-def capture_prefill(model, input_ids: torch.Tensor, query_window: int = 64) -> PrefillCapture:
-    """Run one full prefill of ``input_ids`` ``[B, N]`` and keep what presses read."""
+def capture_ids(model, input_ids: torch.Tensor, query_window: int = 64) -> PrefillCapture:
+    """Run one full prefill of ``input_ids`` ``[B, N]`` and keep what presses read
+    (:func:`curdkv.capture_prefill` is the public entry point, which also takes text)."""
     modules = attention_modules(model)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a [batch, seq_len] tensor of token ids")

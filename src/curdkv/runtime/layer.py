@@ -36,15 +36,6 @@ def layer_scores(
     return scores
 
 
-def compress_states(press: Press, keys, values, queries, module, layer_idx: int):
-    """Keep a uniform press's choice of tokens: returns ``(kept_keys, kept_values, evicted)``.
-
-    keys, values: ``[B, H_kv, N, D]``; queries: ``[B, H, W, D]`` or ``None``.
-    """
-    layer = compress_layer(press, keys, values, queries, module, layer_idx, "dense")
-    return layer.keys, layer.values, layer.evicted
-
-
 def is_head_adaptive(press: Press) -> bool:
     return bool(press.head_adaptive)
 
