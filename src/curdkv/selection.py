@@ -33,10 +33,15 @@ def check_alpha(alpha) -> float:
     return float(alpha)
 
 
-def check_budget(seq_len: int, n_keep: int, sinks: int, recent: int) -> None:
-    """Raise a clear error when the context cannot honour the protected tokens."""
+def check_not_empty(seq_len: int) -> None:
+    """Every entry point that compresses refuses an empty context with this one error."""
     if seq_len == 0:
         raise ValueError("the context is empty: there is nothing to compress")
+
+
+def check_budget(seq_len: int, n_keep: int, sinks: int, recent: int) -> None:
+    """Raise a clear error when the context cannot honour the protected tokens."""
+    check_not_empty(seq_len)
     protected = sinks + recent
     if seq_len < protected:
         raise ValueError(

@@ -11,6 +11,12 @@ import contextlib
 import torch
 
 
+def is_first_prefill(new_tokens: int, attended: int) -> bool:
+    """Whether an attention call was a first prefill: it attended over exactly the tokens it brought
+    (``attended`` is -1 for compressed layouts, which a first prefill never sees)."""
+    return new_tokens == attended
+
+
 class QueryRecorder:
     """Keeps the last ``window`` queries of each layer, ``[B, H, W, D]``.
 
@@ -30,7 +36,7 @@ class QueryRecorder:
         self.calls: dict[int, tuple[int, int]] = {}
 
     def wants(self, q_len: int, kv_len: int) -> bool:
-        return self.window > 0 and (self.rolling or q_len == kv_len)
+        return self.window > 0 and (self.rolling or is_first_prefill(q_len, kv_len))
 
     def record(self, layer_idx: int, query: torch.Tensor) -> None:
         previous = self.queries.get(layer_idx) if self.rolling else None
@@ -41,6 +47,13 @@ class QueryRecorder:
 
     def pop(self, layer_idx: int) -> torch.Tensor | None:
         return self.queries.pop(layer_idx, None)
+
+    def first_prefill(self, layer_idx: int) -> bool:
+        """Whether the layer's last recorded call was a first prefill."""
+        return is_first_prefill(*self.calls[layer_idx])
+
+    def first_prefill_layers(self) -> list[int]:
+        return [i for i in sorted(self.calls) if self.first_prefill(i)]
 
 
 # Attention modules (by id) whose queries are being recorded.

@@ -290,7 +290,7 @@ def measure_length(
 
 def _layer_by_layer(press) -> bool:
     """Whether each layer is compressed on its own, right after its attention (no scores of later layers needed)."""
-    return not (press.needs_full_prefill or press.lookahead_tokens)
+    return not press.compresses_after_prefill
 
 
 def _alone_seconds(press, capture, build, wall: float, settings: BenchSettings, device) -> tuple[float, float | None]:

@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from ..cache.stack import stack_caches
 from ..context import answer_greedily, capture_prefill
 from ..eval.needle import answered, needle_samples
+from ..eval.sweep import sweep_configs
 from ..models import DEFAULT_MODEL, dtype_name, load_model, model_names
-from ..presses import get_press
 from ..report import markdown_table
 from .args import DEMO_PRESSES, positive, presses, ratios
 
@@ -35,15 +35,9 @@ class DemoSettings:
 
 
 def configurations(settings: DemoSettings) -> list[tuple[str, float, object]]:
-    """``(method, ratio, press)`` rows; the full cache is one row at ratio 0."""
-    rows = []
-    for name in settings.presses:
-        if name == "full":
-            rows.append(("full", 0.0, None))
-            continue
-        for ratio in settings.ratios:
-            rows.append((name, ratio, get_press(name, ratio)))
-    return rows
+    """``(method, ratio, press)`` rows, as an evaluation sweep lists them: the full cache first, at
+    ratio 0, then every press at every ratio (:func:`curdkv.eval.sweep.sweep_configs`)."""
+    return [(c.label, c.ratio, c.build()) for c in sweep_configs(settings.presses, settings.ratios)]
 
 
 def ratio_groups(configs: list[tuple[str, float, object]]) -> list[list[tuple[str, float, object]]]:

@@ -18,6 +18,7 @@ from ..attention.recording import QueryRecorder, recording_queries
 from ..cache.dense import CompressedCache, CompressedLayer
 from ..kernels.common import on_kernel_device
 from ..presses.base import ALL_QUERIES, Press, check_int, check_press
+from ..selection import check_not_empty
 from ..transformers_compat import TRANSFORMERS_VERSION, forward_with_cache
 from .layer import compress_layer, layer_scores
 from .lookahead import pseudo_queries
@@ -141,8 +142,7 @@ def capture_ids(model, input_ids: torch.Tensor, query_window: int = 64) -> Prefi
     modules = attention_modules(model)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a [batch, seq_len] tensor of token ids")
-    if input_ids.shape[1] == 0:
-        raise ValueError("the context is empty: input_ids has no tokens")
+    check_not_empty(input_ids.shape[1])
     check_int("query_window", query_window, 0)
     refuse_inside_compress(model, "capture_prefill()")
     recorder = QueryRecorder(min(query_window, input_ids.shape[1]))

@@ -38,7 +38,7 @@ def check_max_cache_tokens(press: Press, max_cache_tokens) -> int:
         raise ValueError(
             f"max_cache_tokens needs a press with one budget for every head; {press.name!r} is head-adaptive"
         )
-    if press.needs_full_prefill or press.lookahead_tokens:
+    if press.compresses_after_prefill:
         raise ValueError(
             f"max_cache_tokens needs a press that compresses layer by layer; {press.name!r} needs the whole prefill first"
         )
@@ -63,7 +63,7 @@ class DecodeBudget:
         idx = module.layer_idx
         layer = cache.layers[idx]
         stored = layer.keys.shape[2]
-        first_prefill = layer.get_seq_length() == new_tokens and not getattr(layer, "evicted", 0)
+        first_prefill = self.recorder.first_prefill(idx)
         if first_prefill:
             n_keep = min(self.press.layer_keep(stored, idx, num_layers(module)), self.max_cache_tokens)
             positions = torch.arange(stored, device=layer.keys.device).expand(*layer.keys.shape[:2], -1)

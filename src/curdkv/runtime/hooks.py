@@ -87,8 +87,7 @@ class _Hooks:
         call = self.recorder.calls.get(idx)
         if call is None:
             raise self.failure(idx, "its attention did not run through curdkv's attention function")
-        new_tokens, attended = call
-        return idx, new_tokens, new_tokens == attended
+        return idx, call[0], self.recorder.first_prefill(idx)
 
     def layer_cache(self, idx: int, *sources):
         cache = find_cache(*sources)
@@ -117,7 +116,7 @@ class _Hooks:
 
     def due(self) -> list[int]:
         """The layers that must have been compressed in this forward: those that ran a first prefill."""
-        return [i for i, (new, attended) in sorted(self.recorder.calls.items()) if new == attended]
+        return self.recorder.first_prefill_layers()
 
     def verify(self) -> None:
         """Raise if a layer that is :meth:`due` was left as it was."""

@@ -15,9 +15,9 @@ from ..cache.masked import MaskedLayer
 from ..cache.ragged import RaggedLayer
 from ..kernels.common import on_kernel_device
 from ..presses.base import Press, ScoringView, check_choice
-from ..selection import NaNScores, select_adaptive, select_uniform
+from ..selection import check_not_empty, NaNScores, select_adaptive, select_uniform
 from .model import num_layers
-from .overlap import empty_head_message, layer_problems
+from .overlap import empty_head_message, layer_problems, nan_message
 
 LAYOUTS = ("dense", "ragged", "masked")
 
@@ -57,12 +57,9 @@ def fast_ragged(keys: torch.Tensor) -> bool:
 
 def _nan_report(press: Press, scores, layer_idx: int, keys, values, queries) -> str:
     """Which press, layer and heads produced NaN scores, and whether what it read was finite."""
-    bad = torch.isnan(scores)
-    heads = sorted({int(h) for h in bad.nonzero()[:, 1].tolist()})
     inputs = ", ".join(f"{name} {'finite' if bool(torch.isfinite(t).all()) else 'NOT finite'}"
                        for name, t in (("keys", keys), ("values", values), ("queries", queries)) if t is not None)
-    return (f"{press!r} returned {int(bad.sum())} NaN scores at layer {layer_idx}, KV heads {heads}, "
-            f"over {keys.shape[2]} tokens ({inputs})")
+    return nan_message(press, layer_idx, torch.isnan(scores).sum(-1), keys.shape[2], inputs)
 
 
 def compress_layer(
@@ -86,8 +83,7 @@ def compress_layer(
     if layout == "dense" and adaptive:
         raise ValueError(f"layout must be 'ragged' or 'masked' for the head-adaptive press {press.name!r}, got 'dense'")
     n = keys.shape[2]
-    if n == 0:
-        raise ValueError("the context is empty: there is nothing to compress")
+    check_not_empty(n)
     if n_keep is None:
         n_keep = press.layer_keep(n, layer_idx, num_layers(module))
     if n_keep >= n:
@@ -144,8 +140,7 @@ def select_tokens(
     ``positions`` are the cached tokens' RoPE positions when not ``0 .. N-1``.
     """
     n = keys.shape[2]
-    if n == 0:
-        raise ValueError("the context is empty: there is nothing to compress")
+    check_not_empty(n)
     if n_keep is None:
         n_keep = press.layer_keep(n, layer_idx, num_layers(module))
     if scores is None:

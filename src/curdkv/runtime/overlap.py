@@ -35,13 +35,19 @@ class LayerProblems:
         """The error for ``counts`` read back to the host, ``None`` if the layer is sound."""
         nan = counts[0]
         if bool((nan > 0).any()):
-            heads = sorted({int(h) for h in (nan > 0).nonzero()[:, 1].tolist()})
-            return (f"{self.press!r} returned {int(nan.sum())} NaN scores at layer {self.layer_idx}, "
-                    f"KV heads {heads}, over {self.seq_len} tokens (found when the prefill ended; "
-                    f"compress(..., overlap=False) checks each layer at once and says whether its inputs were finite)")
+            return nan_message(self.press, self.layer_idx, nan, self.seq_len,
+                               "found when the prefill ended; compress(..., overlap=False) checks each layer at once "
+                               "and says whether its inputs were finite")
         if len(counts) > 1 and bool((counts[1] > 0).any()):
             return empty_head_message(self.layer_idx)
         return None
+
+
+def nan_message(press, layer_idx: int, nan_per_head: torch.Tensor, seq_len: int, detail: str) -> str:
+    """The one error for NaN scores: which press, layer and KV heads (``nan_per_head``: ``[B, H_kv]`` counts)."""
+    heads = sorted({int(h) for h in (nan_per_head > 0).nonzero()[:, 1].tolist()})
+    return (f"{press!r} returned {int(nan_per_head.sum())} NaN scores at layer {layer_idx}, KV heads {heads}, "
+            f"over {seq_len} tokens ({detail})")
 
 
 def empty_head_message(layer_idx: int) -> str:
