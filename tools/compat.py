@@ -28,9 +28,17 @@ ROOT = Path(__file__).resolve().parents[1]
 OLDEST, NEWEST = TESTED_TRANSFORMERS
 RELEASES = (OLDEST, "5.20.2", "5.22.2", "5.23.0", NEWEST)
 # The suites that reach into transformers: hooks, cache layers, attention, generation.
-CORE_SUITES = ("test_compat.py", "test_runtime.py", "test_presses.py", "test_adaptive.py", "test_decoding.py",
+# Paths under tests/ (files, or single tests by node id).
+PRESS_SUITES = ("presses/test_curdkv.py", "presses/test_snapkv.py", "presses/test_knorm.py",
+                "presses/test_streaming_llm.py", "presses/test_chunkkv.py", "presses/test_random_press.py",
+                "test_selection.py")
+ADAPTIVE_SUITES = ("presses/test_adakv.py", "presses/test_base.py", "cache/test_ragged.py")
+# The head-adaptive tests of presses/test_chunkkv.py: the fast suites run these two, not the whole file.
+ADAPTIVE_CHUNKKV = ("presses/test_chunkkv.py::test_chunkkv_over_pyramidkv_keeps_its_layer_budgets",
+                    "presses/test_chunkkv.py::test_chunkkv_refuses_a_head_adaptive_base")
+CORE_SUITES = ("test_compat.py", "runtime/test_hooks.py", *PRESS_SUITES, *ADAPTIVE_SUITES, "runtime/test_decoding.py",
                "test_real_model.py")
-FAST_SUITES = ("test_compat.py", "test_runtime.py", "test_adaptive.py", "test_decoding.py")
+FAST_SUITES = ("test_compat.py", "runtime/test_hooks.py", *ADAPTIVE_SUITES, *ADAPTIVE_CHUNKKV, "runtime/test_decoding.py")
 # Pinned by each release itself: transformers 5.17 needs huggingface-hub < 2, 5.20 and later allow 2.x.
 RELEASE_COUPLED = {"transformers", "huggingface-hub", "hf-xet"}
 TORCH = "torch==2.13.0"

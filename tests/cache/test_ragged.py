@@ -1,4 +1,4 @@
-"""Head-adaptive budgets: AdaKVPress selection, the ragged cache, and generation over it."""
+"""The ragged cache of head-adaptive presses, and generation over it."""
 
 from __future__ import annotations
 
@@ -6,130 +6,15 @@ import pytest
 import torch
 
 import curdkv
-from curdkv import AdaCurDKVPress, AdaKVPress, AdaSnapKVPress, CurDKVPress, MaskedLayer, RaggedLayer
-from curdkv.attention.function import using_curdkv_attention
-from curdkv.presses import ChunkKVPress, KNormPress, SnapKVPress, StreamingLLMPress
+from curdkv import AdaCurDKVPress, AdaSnapKVPress, CurDKVPress, MaskedLayer, RaggedLayer
+from curdkv.presses import SnapKVPress
 from curdkv.runtime.layer import compress_layer
-from curdkv.selection import select_adaptive, select_uniform
 
 from conftest import DTYPES, random_ids
+from helpers import greedy
 from curdkv.transformers_compat import forward_with_cache
 
 ADAPTIVE = ("adacurdkv", "adasnapkv", "adacurdkv-sketch")
-
-
-def slow_adaptive(scores: torch.Tensor, n_keep: int, alpha: float, sinks: int, recent: int) -> torch.Tensor:
-    """AdaKV selection written out token by token: the obvious reference."""
-    b, h, n = scores.shape
-    keep = torch.zeros(b, h, n, dtype=torch.bool)
-    protected = set(range(sinks)) | set(range(n - recent, n))
-    for bi in range(b):
-        # Rank key: protected first, then by score; ties broken by the lower flat position.
-        def rank(hi, j):
-            return (j in protected, float(scores[bi, hi, j]))
-
-        safeguard = int(alpha * n_keep + 1e-9)
-        for hi in range(h):
-            order = sorted(range(n), key=lambda j: rank(hi, j), reverse=True)
-            for j in order[:safeguard]:
-                keep[bi, hi, j] = True
-        rest = [(rank(hi, j), hi, j) for hi in range(h) for j in range(n) if not keep[bi, hi, j]]
-        rest.sort(key=lambda item: item[0], reverse=True)
-        for _, hi, j in rest[: h * (n_keep - safeguard)]:
-            keep[bi, hi, j] = True
-    return keep
-
-
-@pytest.mark.parametrize("alpha", [0.0, 0.2, 0.5, 1.0])
-@pytest.mark.parametrize("sinks,recent", [(0, 0), (4, 0), (2, 6)])
-@pytest.mark.parametrize("seed", range(3))
-def test_select_adaptive_equals_slow_reference(alpha, sinks, recent, seed):
-    gen = torch.Generator().manual_seed(seed)
-    b, h, n, n_keep = 2, 4, 40, 14
-    # Heads on different scales, so the shared budget really moves between heads.
-    scores = torch.rand(b, h, n, generator=gen) * torch.tensor([1.0, 5.0, 0.2, 2.0])[None, :, None]
-    keep = select_adaptive(scores, n_keep, alpha, sinks, recent)
-    assert torch.equal(keep, slow_adaptive(scores, n_keep, alpha, sinks, recent))
-
-
-@pytest.mark.parametrize("alpha", [0.0, 0.1, 0.2, 0.5, 0.9, 1.0])
-@pytest.mark.parametrize("n_keep", [8, 20, 59])
-def test_budgets_total_safeguard_and_protection(alpha, n_keep):
-    gen = torch.Generator().manual_seed(1)
-    b, h, n, sinks, recent = 3, 8, 60, 4, 4
-    scores = torch.randn(b, h, n, generator=gen) * torch.logspace(-2, 2, h)[None, :, None]
-    keep = select_adaptive(scores, n_keep, alpha, sinks, recent)
-    per_head = keep.sum(-1)
-    assert (per_head.sum(-1) == h * n_keep).all(), "each batch element keeps exactly H_kv * k"
-    assert (per_head >= int(alpha * n_keep + 1e-9)).all()
-    assert keep[..., :sinks].all() and keep[..., n - recent :].all()
-    if alpha < 1.0 and n_keep > sinks + recent:
-        assert per_head.min() < per_head.max(), "heads on different scales should get different budgets"
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_alpha_one_is_the_uniform_selection(seed):
-    scores = torch.randn(2, 4, 50, generator=torch.Generator().manual_seed(seed))
-    keep = select_adaptive(scores, 17, 1.0, 4, 3)
-    idx = select_uniform(scores, 17, 4, 3)
-    expected = torch.zeros_like(keep).scatter_(-1, idx, True)
-    assert torch.equal(keep, expected)
-
-
-def test_select_adaptive_with_infinite_scores_keeps_protected_and_budget():
-    scores = torch.randn(1, 4, 30)
-    scores[0, 1, 10:20] = float("inf")
-    scores[0, 2, :] = float("-inf")
-    keep = select_adaptive(scores, 10, 0.2, 4, 2)
-    assert keep.sum() == 40
-    assert keep[..., :4].all() and keep[..., -2:].all()
-
-
-@pytest.mark.parametrize("alpha", [-0.1, 1.5, "0.2", True, float("nan")])
-def test_bad_alpha_raises(alpha):
-    with pytest.raises(ValueError, match="alpha"):
-        select_adaptive(torch.rand(1, 2, 10), 5, alpha)
-    with pytest.raises(ValueError, match="alpha"):
-        AdaKVPress(CurDKVPress(compression_ratio=0.5), alpha=alpha)
-
-
-@pytest.mark.parametrize("inner", [KNormPress(compression_ratio=0.5), StreamingLLMPress(compression_ratio=0.5)])
-def test_adakv_refuses_scores_not_comparable_across_heads(inner):
-    with pytest.raises(ValueError, match="comparable across heads"):
-        AdaKVPress(inner)
-
-
-def test_adakv_refuses_chunks_and_nesting_and_non_press():
-    with pytest.raises(ValueError, match="ChunkKV"):
-        AdaKVPress(ChunkKVPress(compression_ratio=0.5))
-    with pytest.raises(ValueError, match="already adaptive"):
-        AdaKVPress(AdaCurDKVPress(0.5))
-    with pytest.raises(TypeError, match="press must be"):
-        AdaKVPress("curdkv")
-
-
-def test_adakv_mirrors_the_wrapped_press():
-    press = AdaSnapKVPress(compression_ratio=0.3, alpha=0.5, window_size=16)
-    assert press.name == "adasnapkv"
-    assert press.compression_ratio == 0.3
-    assert press.query_window == 16 and press.protected_recent == 16
-    other = press.with_ratio(0.7)
-    assert isinstance(other, AdaSnapKVPress) and other.compression_ratio == 0.7 and other.alpha == 0.5
-    assert other.press.window_size == 16
-    assert press.compression_ratio == 0.3, "with_ratio must not change the original"
-    assert AdaCurDKVPress(0.5, estimator="exact").press.estimator == "exact"
-    assert AdaCurDKVPress(0.5) == AdaCurDKVPress(0.5) and AdaCurDKVPress(0.5) != AdaCurDKVPress(0.5, alpha=0.3)
-    assert "alpha=0.2" in AdaCurDKVPress(0.5).describe()
-    with pytest.raises(ValueError, match="compression_ratio"):
-        AdaCurDKVPress(1.0)
-
-
-def test_dense_layout_refused_for_adaptive_press():
-    keys = torch.randn(1, 2, 30, 8)
-    with pytest.raises(ValueError, match="layout must be 'ragged' or 'masked'"):
-        compress_layer(AdaCurDKVPress(0.5), keys, keys, None, None, 0, "dense")
-    with pytest.raises(ValueError, match="layout must be one of"):
-        compress_layer(AdaCurDKVPress(0.5), keys, keys, None, None, 0, "sparse")
 
 
 def _layer_from_random(b=2, h=4, n=50, d=16, ratio=0.6, seed=0):
@@ -187,20 +72,6 @@ def test_ragged_layer_refuses_a_head_without_tokens():
     keep[0, 1] = False
     with pytest.raises(ValueError, match="at least one token"):
         RaggedLayer.from_mask(keys, keys, keep)
-
-
-def greedy(model, ids: torch.Tensor, cache, steps: int) -> list[list[int]]:
-    n = ids.shape[1]
-    token = model(input_ids=ids).logits[:, -1].argmax(-1)
-    tokens = [token.tolist()]
-    with using_curdkv_attention(model):
-        for step in range(steps - 1):
-            pos = torch.full((ids.shape[0], 1), n + step, device=ids.device)
-            token = forward_with_cache(model, cache, input_ids=token[:, None], use_cache=True, position_ids=pos).logits[
-                :, -1
-            ].argmax(-1)
-            tokens.append(token.tolist())
-    return tokens
 
 
 @pytest.mark.parametrize("press_name", ADAPTIVE)
@@ -383,69 +254,3 @@ def test_triton_ragged_generation_equals_masked_reference_on_cuda(arch_name, pre
     ragged, masked = capture.build_cache(press), capture.build_cache(press, "masked")
     assert ragged.layers[0].context_keys.is_cuda
     assert greedy(model, ids, ragged, 12) == greedy(model, ids, masked, 12)
-
-
-# --------------------------------------------------------------------------- wrappers hand every trait on
-
-
-class _ProbePress(curdkv.presses.window.WindowPress):
-    """A press whose every trait differs from Press's defaults."""
-
-    needs_full_prefill = True
-    scores_depend_on_ratio = True
-    calibrates = True
-    scores_comparable_across_heads = True
-
-    @property
-    def protected_sinks(self) -> int:
-        return 3
-
-    @property
-    def lookahead_tokens(self) -> int:
-        return 5
-
-    def layer_keep(self, seq_len, layer_idx, num_layers):
-        return 7 + layer_idx + int(10 * self.compression_ratio)
-
-    def layer_keeps(self, scores, seq_len):
-        return [11 + int(10 * self.compression_ratio)] * len(scores)
-
-
-@pytest.mark.parametrize("wrap", [lambda p: AdaKVPress(p, alpha=0.3), lambda p: curdkv.ChunkKVPress(0.5, press=p)],
-                         ids=["AdaKVPress", "ChunkKV"])
-def test_every_wrapper_hands_on_every_trait_it_does_not_set_itself(wrap):
-    from curdkv.presses.base import TRAITS, WrapperPress
-
-    inner = _ProbePress(compression_ratio=0.5, window_size=9)
-    wrapper = wrap(inner)
-    assert isinstance(wrapper, WrapperPress)
-    assert set(wrapper.own_traits) <= set(TRAITS)
-    for trait in TRAITS:
-        if trait in wrapper.own_traits:
-            assert trait in vars(type(wrapper)), f"{type(wrapper).__name__} sets {trait} but does not define it"
-        else:
-            assert getattr(wrapper, trait) == getattr(inner, trait), trait
-    assert wrapper.protected_recent == 9 and wrapper.query_window == 9 and wrapper.lookahead_tokens == 5
-    # Budgets come from the wrapped press at the wrapper's ratio.
-    assert wrapper.layer_keep(100, 2, 4) == inner.layer_keep(100, 2, 4) == 14
-    assert wrapper.layer_keeps([None] * 3, 100) == [16] * 3
-
-
-def test_chunkkv_over_pyramidkv_keeps_its_layer_budgets(tiny_models):
-    """ChunkKV used to drop its base's budgets: every layer got the uniform one."""
-    model = tiny_models("tiny-llama", torch.float32)
-    ids = random_ids(256, seed=14)
-    chunked = curdkv.ChunkKVPress(0.5, chunk_size=8, press=curdkv.presses.PyramidKVPress(window_size=16))
-    pyramid = [curdkv.presses.PyramidKVPress(0.5, window_size=16).layer_keep(256, i, 2) for i in range(2)]
-    assert pyramid[0] != pyramid[1]
-    assert [chunked.layer_keep(256, i, 2) for i in range(2)] == pyramid
-    live = curdkv.CompressedCache()
-    with curdkv.compress(model, chunked, layout="dense"):
-        forward_with_cache(model, live, input_ids=ids, use_cache=True)
-    assert [layer.stored_length for layer in live.layers] == pyramid
-
-
-@pytest.mark.parametrize("base", [lambda: AdaCurDKVPress(0.5), lambda: curdkv.presses.LAVaPress()], ids=["AdaCurDKVPress", "LAVa"])
-def test_chunkkv_refuses_a_head_adaptive_base(base):
-    with pytest.raises(ValueError, match="ChunkKV keeps the same chunks in every head"):
-        curdkv.ChunkKVPress(0.5, press=base())

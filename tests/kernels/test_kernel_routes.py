@@ -24,7 +24,7 @@ import curdkv.selection
 from curdkv.kernels.common import interpreted_on_cpu, on_kernel_device
 from curdkv.cache.ragged import RaggedLayer
 from conftest import INTERPRETED, random_ids, tiny_model
-from test_adaptive import greedy
+from helpers import greedy
 
 # Under Triton's interpreter only: on CUDA the kernel routes are the default ones, which the other tests run.
 pytestmark = [pytest.mark.kernel, pytest.mark.skipif(

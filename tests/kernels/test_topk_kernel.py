@@ -10,7 +10,7 @@ import torch
 from curdkv.kernels import topk
 from curdkv.selection import adaptive_by_kernels, select_adaptive, select_uniform
 from conftest import KERNEL_DEVICE as DEVICE
-from test_adaptive import slow_adaptive
+from helpers import slow_adaptive
 
 pytestmark = pytest.mark.kernel
 
