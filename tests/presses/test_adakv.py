@@ -102,3 +102,14 @@ def test_dense_layout_refused_for_adaptive_press():
         compress_layer(AdaCurDKVPress(0.5), keys, keys, None, None, 0, "dense")
     with pytest.raises(ValueError, match="layout must be one of"):
         compress_layer(AdaCurDKVPress(0.5), keys, keys, None, None, 0, "sparse")
+
+
+def test_old_wrapper_names_still_work_with_a_deprecation_warning():
+    import curdkv.presses
+
+    for module in (curdkv, curdkv.presses, curdkv.presses.adakv):
+        for old, new in (("AdaKV", "AdaKVPress"), ("AdaCurDKV", "AdaCurDKVPress"), ("AdaSnapKV", "AdaSnapKVPress")):
+            with pytest.warns(DeprecationWarning, match=f"use {module.__name__}.{new}"):
+                assert getattr(module, old) is getattr(curdkv, new)
+    with pytest.raises(AttributeError, match="NoSuchPress"):
+        curdkv.NoSuchPress
