@@ -32,11 +32,12 @@ class PrefillCapture:
 
     ``keys[l]``/``values[l]``: ``[B, H_kv, N, D]``; ``queries[l]``: ``[B, H, W, D]``.
     ``model`` and ``next_token`` (``[B]``, the greedy token after the context)
-    are what presses with lookahead tokens decode from, ``input_ids`` what a
-    press calibrating its ratio to the context reads; ``None`` when not kept.
+    are what presses with lookahead tokens decode from, ``model`` and
+    ``input_ids`` what :attr:`context_nll` is measured with; ``None`` when not kept.
     """
 
-    def __init__(self, keys, values, queries, modules, seq_len: int, model=None, next_token=None, input_ids=None):
+    def __init__(self, keys, values, queries, modules, seq_len: int, *, model=None, next_token=None,
+                 input_ids=None):
         self.keys, self.values, self.queries = keys, values, queries
         self.modules = modules
         self.seq_len = seq_len
@@ -58,7 +59,6 @@ class PrefillCapture:
         """
         if self.model is None or self.input_ids is None:
             return None
-
         return context_nll(self.model, self.input_ids)
 
     def nbytes(self) -> int:
@@ -159,4 +159,5 @@ def capture_ids(model, input_ids: torch.Tensor, query_window: int = 64) -> Prefi
     values = [cache.layers[i].values for i in range(len(modules))]
     queries = [recorder.queries.get(i) for i in range(len(modules))]
     next_token = out.logits[:, -1].argmax(-1)
-    return PrefillCapture(keys, values, queries, modules, input_ids.shape[1], model, next_token, input_ids)
+    return PrefillCapture(keys, values, queries, modules, input_ids.shape[1], model=model, next_token=next_token,
+                          input_ids=input_ids)

@@ -1,14 +1,10 @@
-"""When compression happens: during prefill, or from one captured prefill.
+"""Compression during prefill: :func:`compress` and the hook objects it installs.
 
-Two paths keep exactly the same tokens, because compressing layer l after
-its prefill attention does not change what layer l+1 sees:
-
-- :func:`compress` compresses each layer's cache right after that layer's
-  prefill attention (a forward hook), so peak memory never holds the full
-  cache of every layer;
-- :func:`capture_prefill` runs one full prefill and keeps what presses read,
-  then :meth:`PrefillCapture.build_cache` builds a compressed cache for any
-  press and ratio without running the model again (the sweep path).
+Each layer's cache is compressed right after that layer's prefill attention
+(a forward hook), so peak memory never holds the full cache of every layer.
+The sweep path (:mod:`curdkv.runtime.capture`) keeps the same tokens from one
+captured prefill, because compressing layer l does not change what layer l+1
+sees.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from ..cache.masked import MaskedLayer
 from ..cache.ragged import RaggedLayer
 from ..kernels.common import on_kernel_device
 from ..presses.base import Press, ScoringView, check_choice
-from ..selection import check_not_empty, NaNScores, select_adaptive, select_uniform
+from ..selection import NaNScores, check_not_empty, select_adaptive, select_uniform
 from .model import num_layers
 from .overlap import empty_head_message, layer_problems, nan_message
 
@@ -34,10 +34,6 @@ def layer_scores(
             f"{type(press).__name__}.score returned shape {tuple(scores.shape)}, expected {tuple(keys.shape[:3])}"
         )
     return scores
-
-
-def is_head_adaptive(press: Press) -> bool:
-    return bool(press.head_adaptive)
 
 
 def fast_ragged(keys: torch.Tensor) -> bool:
@@ -77,7 +73,7 @@ def compress_layer(
     scores, heads left empty) instead of reading them back here
     (:mod:`curdkv.runtime.overlap`); the caller raises them later.
     """
-    adaptive = is_head_adaptive(press)
+    adaptive = press.head_adaptive
     layout = layout or ("ragged" if adaptive or fast_ragged(keys) else "dense")
     check_choice("layout", layout, LAYOUTS)
     if layout == "dense" and adaptive:
@@ -147,7 +143,7 @@ def select_tokens(
         scores = layer_scores(press, keys, values, queries, module, layer_idx, positions)
     sinks, recent = press.protected_sinks, press.protected_recent
     try:
-        if is_head_adaptive(press):
+        if press.head_adaptive:
             return select_adaptive(scores, n_keep, press.alpha, sinks, recent, check_nan)
         return select_uniform(scores, n_keep, sinks, recent, check_nan)
     except NaNScores:
