@@ -19,7 +19,7 @@ import curdkv
 import curdkv.kernels.gather
 import curdkv.kernels.ragged_attention
 import curdkv.presses.curdkv
-import curdkv.presses.snapkv
+import curdkv.presses.window
 import curdkv.selection
 from curdkv.kernels.common import interpreted_on_cpu, on_kernel_device
 from curdkv.cache.ragged import RaggedLayer
@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.skipif(
 # The kernel entry points each press reaches on the CUDA route: (module that calls it, name there).
 LEVERAGE = (curdkv.presses.curdkv, "half_precision_leverage")
 SKETCH = (curdkv.presses.curdkv, "transformed_norms")
-WINDOW = (curdkv.presses.snapkv, "fused_window_mean")
+WINDOW = (curdkv.presses.window, "fused_window_mean")
 TOPK = (curdkv.selection, "topk_in_order")
 ADAPTIVE = (curdkv.selection, "adaptive_by_kernels")
 GATHER = (curdkv.kernels.gather, "gather_kv")
