@@ -16,29 +16,8 @@ from .cache.ragged import RaggedLayer
 from .context import CompressedContext, capture_prefill, prefill
 from .context import prefill_capture as prefill_capture  # deprecated, warns when called
 from .models import DEFAULT_MODEL, load_model
-from .presses import (
-    PRESSES,
-    AdaCurDKVPress,
-    AdaKVPress,
-    AdaSnapKVPress,
-    ChunkKVPress,
-    CompactorPress,
-    CurDKVPress,
-    H2OPress,
-    KNormPress,
-    LAVaPress,
-    LookaheadQCachePress,
-    MorphKVPress,
-    OBCachePress,
-    Press,
-    PyramidKVPress,
-    RandomPress,
-    ScoringView,
-    SnapKVPress,
-    StreamingLLMPress,
-    WrapperPress,
-    get_press,
-)
+from . import presses
+from .presses import *  # noqa: F403  (every press, the registry and get_press: presses.__all__)
 from .presses.adakv import deprecated_name
 from .runtime.capture import PrefillCapture
 from .runtime.hooks import compress
@@ -46,29 +25,7 @@ from .runtime.hooks import compress
 __version__ = "0.1.0"
 
 __all__ = [
-    # presses
-    "Press",
-    "WrapperPress",
-    "ScoringView",
-    "CurDKVPress",
-    "AdaCurDKVPress",
-    "SnapKVPress",
-    "AdaSnapKVPress",
-    "AdaKVPress",
-    "ChunkKVPress",
-    "KNormPress",
-    "StreamingLLMPress",
-    "RandomPress",
-    "PyramidKVPress",
-    "LAVaPress",
-    "LookaheadQCachePress",
-    "MorphKVPress",
-    "OBCachePress",
-    "H2OPress",
-    "CompactorPress",
-    "PRESSES",
-    "get_press",
-    # running them
+    # prefilling, compressing, asking
     "prefill",
     "CompressedContext",
     "compress",
@@ -83,6 +40,8 @@ __all__ = [
     # models
     "load_model",
     "DEFAULT_MODEL",
+    # every press, and the registry (PRESSES, get_press, parse_press_spec)
+    *presses.__all__,
 ]
 
 

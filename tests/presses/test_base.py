@@ -49,3 +49,20 @@ def test_every_wrapper_hands_on_every_trait_it_does_not_set_itself(wrap):
     # Budgets come from the wrapped press at the wrapper's ratio.
     assert wrapper.layer_keep(100, 2, 4) == inner.layer_keep(100, 2, 4) == 14
     assert wrapper.layer_keeps([None] * 3, 100) == [16] * 3
+
+
+def test_every_press_class_is_exported_from_curdkv():
+    import importlib
+    import pkgutil
+
+    import curdkv.presses
+
+    defined = set()
+    for info in pkgutil.iter_modules(curdkv.presses.__path__):
+        module = importlib.import_module(f"curdkv.presses.{info.name}")
+        defined |= {c for c in vars(module).values() if isinstance(c, type) and issubclass(c, curdkv.Press)
+                    and c.__module__ == module.__name__}
+    assert len(defined) >= 18
+    missing = sorted(c.__name__ for c in defined if getattr(curdkv, c.__name__, None) is not c
+                     or c.__name__ not in curdkv.__all__)
+    assert not missing, f"presses not exported from curdkv: {missing}"

@@ -19,6 +19,7 @@ from .pyramidkv import PyramidKVPress
 from .random_press import RandomPress
 from .snapkv import SnapKVPress
 from .streaming_llm import StreamingLLMPress
+from .window import WindowPress
 
 PRESSES: dict[str, Callable[..., Press]] = {
     "curdkv": CurDKVPress,
@@ -114,6 +115,7 @@ def get_press(name: str, compression_ratio: float | None = None, /, **options) -
 __all__ = [
     "Press",
     "WrapperPress",
+    "WindowPress",
     "ScoringView",
     "CurDKVPress",
     "SnapKVPress",
