@@ -13,7 +13,7 @@ caches), and the cache types they produce.
 from .cache.dense import CompressedCache, CompressedLayer, cache_nbytes
 from .cache.masked import MaskedLayer
 from .cache.ragged import RaggedLayer
-from .context import CompressedContext, capture_prefill, prefill
+from .context import CompressedContext, ask_many, capture_prefill, prefill
 from .context import prefill_capture as prefill_capture  # deprecated, warns when called
 from .models import DEFAULT_MODEL, load_model
 from . import presses
@@ -28,6 +28,7 @@ __all__ = [
     # prefilling, compressing, asking
     "prefill",
     "CompressedContext",
+    "ask_many",
     "compress",
     "capture_prefill",
     "PrefillCapture",

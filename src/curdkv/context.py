@@ -15,6 +15,7 @@ import torch
 
 from .attention.function import using_curdkv_attention
 from .cache.dense import CompressedCache
+from .cache.stack import stack_contexts
 from .presses.base import Press, check_press
 from .runtime.capture import PrefillCapture, capture_ids
 from .runtime.hooks import compress
@@ -137,16 +138,85 @@ def answer_greedily(
                 ids = token[:, None]
     finally:
         cache.restore(snapshot)
-    answers = []
     stop_set = set(stop.tolist())
-    for row in torch.stack(generated, dim=1).tolist():
-        kept = []
-        for token in row:
-            if token in stop_set:
+    return [_answer_text(tokenizer, row, stop_set) for row in torch.stack(generated, dim=1).tolist()]
+
+
+def _answer_text(tokenizer, tokens: list[int], stop: set[int]) -> str:
+    """The answer a row's generated tokens spell, up to its first end token."""
+    kept = []
+    for token in tokens:
+        if token in stop:
+            break
+        kept.append(token)
+    return tokenizer.decode(kept, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def ask_many(requests, max_new_tokens: int = 32, answer_prefix: str | None = None) -> list[str]:
+    """Answer many ``(context, question)`` pairs in one decode batch: the serving case.
+
+    ``requests``: pairs of a :class:`CompressedContext` (from :func:`prefill`
+    or :meth:`CompressedContext.from_capture`; any press, ratio and length) and
+    a question, or triples that add the request's own answer prefix (else
+    ``answer_prefix`` applies). Each question is prefilled on its own context, which folds it
+    into that row; then every row decodes one token per step in one batch of
+    a ragged cache (:func:`curdkv.cache.stack.stack_contexts`), each at its
+    own positions, and a row that has finished leaves the batch, so it costs
+    no more reads. Every answer is the one ``context.ask(question)`` gives
+    (greedy), up to rounding near-ties of the batched attention. The contexts'
+    caches are left as they were.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    requests = list(requests)
+    if not requests:
+        raise ValueError("requests must hold at least one (context, question) pair")
+    for item in requests:
+        if not (isinstance(item, tuple) and len(item) in (2, 3) and isinstance(item[0], CompressedContext)):
+            raise TypeError(f"requests must be (CompressedContext, question[, answer_prefix]) tuples, got {item!r:.80}")
+    model, tokenizer = requests[0][0].model, requests[0][0].tokenizer
+    if any(item[0].model is not model for item in requests):
+        raise ValueError("every context of ask_many must come from the same model")
+    device = next(model.parameters()).device
+    stop = torch.tensor(sorted(_stop_ids(model, tokenizer)) or [-1], device=device)
+    prefilled, first_tokens, positions = [], [], []
+    with using_curdkv_attention(model):
+        for ctx, question, *own_prefix in requests:
+            ids = encode_question(tokenizer, question, own_prefix[0] if own_prefix else answer_prefix, device)
+            snapshot = ctx.cache.snapshot()
+            try:
+                start = torch.arange(ctx.context_length, ctx.context_length + ids.shape[1], device=device)[None]
+                out = forward_with_cache(model, ctx.cache, input_ids=ids, position_ids=start, use_cache=True,
+                                         logits_to_keep=1)
+                prefilled.append(stack_contexts([ctx.cache]))  # this row's layers, question folded in
+            finally:
+                ctx.cache.restore(snapshot)
+            first_tokens.append(out.logits[:, -1].argmax(-1))
+            positions.append(ctx.context_length + ids.shape[1])
+        cache = stack_contexts(prefilled)
+        token = torch.cat(first_tokens)
+        position = torch.tensor(positions, device=device)
+        generated: list[list[int]] = [[] for _ in requests]
+        active = list(range(len(requests)))  # the original index of each batch row
+        for step in range(max_new_tokens):
+            finished = torch.isin(token, stop).tolist()
+            for row, tok, done in zip(active, token.tolist(), finished):
+                generated[row].append(tok)
+            if step == max_new_tokens - 1:
                 break
-            kept.append(token)
-        answers.append(tokenizer.decode(kept, skip_special_tokens=True))
-    return answers
+            keep = [i for i, done in enumerate(finished) if not done]
+            if not keep:
+                break
+            if len(keep) < len(active):
+                active = [active[i] for i in keep]
+                cache = CompressedCache.from_layers([layer.select_rows(keep) for layer in cache.layers])
+                token, position = token[keep], position[keep]
+            out = forward_with_cache(model, cache, input_ids=token[:, None], position_ids=position[:, None],
+                                     use_cache=True, logits_to_keep=1)
+            token, position = out.logits[:, -1].argmax(-1), position + 1
+    stop_set = set(stop.tolist())
+    return [_answer_text(tokenizer, tokens, stop_set) for tokens in generated]
 
 
 @torch.no_grad()

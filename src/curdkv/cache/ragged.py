@@ -178,13 +178,19 @@ class RaggedLayer(DynamicLayer):
         return self._lengths == 0
 
     @classmethod
-    def concat(cls, layers: list["RaggedLayer"]) -> "RaggedLayer":
-        """Stack compressed contexts of the same length along the batch (e.g. several presses' caches of one prompt)."""
+    def concat(cls, layers: list["RaggedLayer"], context_length: int | None = None) -> "RaggedLayer":
+        """Stack bare compressed contexts along the batch (e.g. several presses' caches of one prompt).
+
+        The rows must compress contexts of the same length, unless
+        ``context_length`` says what logical length the stack reports: rows of
+        different lengths are then positioned by explicit ``position_ids``
+        (:func:`curdkv.context.ask_many`).
+        """
         if not layers:
             raise ValueError("layers must not be empty")
         if any(layer.tail_length for layer in layers):
             raise ValueError("only bare compressed contexts (nothing appended yet) can be concatenated")
-        if len({layer.context_length for layer in layers}) != 1:
+        if context_length is None and len({layer.context_length for layer in layers}) != 1:
             raise ValueError("layers must compress contexts of the same length")
         first = layers[0]
         out = cls()
@@ -193,12 +199,51 @@ class RaggedLayer(DynamicLayer):
         out.context_values = torch.cat([layer.context_values for layer in layers])
         out.lengths = torch.cat([layer.lengths for layer in layers])
         out.offsets = offsets_from_lengths(out.lengths, first.device)
-        out.context_length = first.context_length
+        out.context_length = first.context_length if context_length is None else context_length
         out._tail_k = torch.cat([layer._tail_k[:, :, :0] for layer in layers])
         out._tail_v = torch.cat([layer._tail_v[:, :, :0] for layer in layers])
         out._expose_tail()
         out.is_initialized = True
         return out
+
+    def folded(self) -> "RaggedLayer":
+        """The same tokens as a bare layer: the tail appended to every head's kept context.
+
+        A question prefilled on one context becomes part of that row's context,
+        so rows whose questions differ in length can decode in one batch (their
+        tails, one token per step, stay equal).
+        """
+        kv = self.ragged()
+        context_keys, valid = unpack_padded(kv, "keys")
+        context_values, _ = unpack_padded(kv, "values")
+        b, h, t = self.batch_size, valid.shape[1], self.tail_length
+        keep = torch.cat([valid, valid.new_ones(b, h, t)], dim=-1)
+        layer = RaggedLayer.from_mask(torch.cat([context_keys, self.keys], dim=2),
+                                      torch.cat([context_values, self.values], dim=2), keep)
+        layer.context_length = self.context_length + t
+        return layer
+
+    def select_rows(self, rows: list[int]) -> "RaggedLayer":
+        """A layer holding only the batch ``rows`` (in that order), tail included: finished rows cost no reads."""
+        heads = self.lengths.shape[1]
+        starts = offsets_from_lengths(self.lengths, "cpu")
+        flat = torch.cat([torch.arange(int(starts[r * heads]), int(starts[(r + 1) * heads])) for r in rows])
+        flat = flat.to(self.context_keys.device)
+        picked = torch.tensor(rows, device=self._tail_k.device)
+        out = RaggedLayer()
+        out.dtype, out.device = self.dtype, self.device
+        out.context_keys, out.context_values = self.context_keys[flat], self.context_values[flat]
+        out.lengths = self.lengths[rows]
+        out.offsets = offsets_from_lengths(out.lengths, self.context_keys.device)
+        out.context_length, out.tail_length = self.context_length, self.tail_length
+        out._tail_k, out._tail_v = self._tail_k[picked], self._tail_v[picked]
+        out._expose_tail()
+        out.is_initialized = True
+        return out
+
+    @property
+    def batch_size(self) -> int:
+        return self._tail_k.shape[0]
 
     def _expose_tail(self) -> None:
         self.keys = self._tail_k[:, :, : self.tail_length]

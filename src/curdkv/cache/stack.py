@@ -55,3 +55,32 @@ def stack_caches(caches: list[CompressedCache], context_length: int) -> Compress
         else:
             layers.append(RaggedLayer.concat([as_ragged(layer, context_length) for layer in per_config]))
     return CompressedCache.from_layers(layers)
+
+
+def folded_row(layer) -> RaggedLayer:
+    """One context's layer, with the tokens appended since its compression folded into each head's context."""
+    if isinstance(layer, RaggedLayer):
+        return layer.folded()
+    if isinstance(layer, CompressedLayer):
+        return RaggedLayer.from_dense(layer.keys, layer.values, layer.get_seq_length())
+    raise ValueError(f"cannot stack a {type(layer).__name__}; use the dense or ragged layout")
+
+
+def stack_contexts(caches: list[CompressedCache]) -> CompressedCache:
+    """One ragged cache whose batch rows are different contexts (each of batch size 1, any lengths).
+
+    Each row keeps what its own cache holds, questions already prefilled
+    included; the stack reports the longest row's length, and callers position
+    every row with explicit ``position_ids``.
+    """
+    if not caches:
+        raise ValueError("caches must not be empty")
+    if len({len(c.layers) for c in caches}) != 1:
+        raise ValueError("caches must have the same number of layers")
+    if any(layer.keys.shape[0] != 1 for c in caches for layer in c.layers[:1]):
+        raise ValueError("each context's cache must hold one row (batch size 1)")
+    layers = []
+    for per_context in zip(*(c.layers for c in caches)):
+        rows = [folded_row(layer) for layer in per_context]
+        layers.append(RaggedLayer.concat(rows, context_length=max(row.context_length for row in rows)))
+    return CompressedCache.from_layers(layers)
