@@ -209,3 +209,41 @@ def test_kernel_long_skewed_heads():
     out = _kernel(query, kv)
     ref = ragged_attention_reference(query, kv)
     assert rel_err(out.cpu(), ref.cpu()) < TOL[torch.bfloat16]
+
+
+def fixed_capacity_case(shape, dtype, seed, inactive=(), device="cpu"):
+    """``make_case`` with its tail turned into a fixed-capacity buffer: the whole buffer, its fill on the device."""
+    b, h_kv, group, d, q_len, t, lengths = shape
+    query, kv, _ = make_case(b, h_kv, group, d, q_len, t, lengths, dtype=dtype, seed=seed, cap_extra=37,
+                                 device=device)
+    cap = t + 37  # the tail views' storage holds the capacity
+    full_k = kv.tail_keys.as_strided((b, h_kv, cap, d), kv.tail_keys.stride())
+    full_v = kv.tail_values.as_strided((b, h_kv, cap, d), kv.tail_values.stride())
+    active = torch.ones(b, dtype=torch.int32, device=device)
+    active[list(inactive)] = 0
+    fixed = RaggedKV(keys=kv.keys, values=kv.values, offsets=kv.offsets, lengths=kv.lengths,
+                     tail_keys=full_k, tail_values=full_v,
+                     tail_start=torch.tensor([t - q_len], device=device), active_rows=active)
+    return query, kv, fixed
+
+
+def test_reference_reads_only_the_filled_part_of_a_fixed_capacity_tail():
+    query, kv, fixed = fixed_capacity_case((2, 2, 2, 64, 3, 7, [[4, 50], [300, 9]]), torch.float32, 11, inactive=[1])
+    out, plain = ragged_attention_reference(query, fixed), ragged_attention_reference(query, kv)
+    assert torch.equal(out[0], plain[0]) and bool((out[1] == 0).all())
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[6], (2, 2, 4, 64, 1, 2, [[4, 900], [333, 1]])],
+                         ids=["b1", "b2-prefill", "b3-sinks", "many-splits"])
+def test_kernel_over_a_fixed_capacity_tail_matches_the_reference(shape):
+    """Tail fill and live rows read on the device, grid sized by the capacity; an inactive row gets zeros."""
+    inactive = [shape[0] - 1] if shape[0] > 1 else []
+    query, kv, fixed = fixed_capacity_case(shape, torch.float32, 9, inactive, device=KERNEL_DEVICE)
+    out = _kernel(query, fixed, programs_per_sm=64, min_tokens_per_split=64, block_n=32)
+    ref = ragged_attention_reference(query, fixed)
+    assert rel_err(out.cpu(), ref.cpu()) < TOL[torch.float32]
+    for row in inactive:
+        assert bool((out[row] == 0).all())
+    live = [r for r in range(shape[0]) if r not in inactive]
+    assert rel_err(out[live].cpu(), _kernel(query, kv)[live].cpu()) < TOL[torch.float32]

@@ -28,9 +28,13 @@ def ragged_attention_reference(query: torch.Tensor, kv: RaggedKV, scaling: float
     scaling = 1.0 / math.sqrt(d) if scaling is None else scaling
     ctx_k, valid = unpack_padded(kv, "keys")
     ctx_v, _ = unpack_padded(kv, "values")
-    t = kv.tail_length
-    keys = torch.cat([ctx_k, kv.tail_keys.to(ctx_k.dtype)], dim=2).float()
-    values = torch.cat([ctx_v, kv.tail_values.to(ctx_v.dtype)], dim=2).float()
+    tail_k, tail_v = kv.tail_keys, kv.tail_values
+    if kv.tail_start is not None:  # a fixed-capacity tail: only its filled part counts
+        t = int(kv.tail_start) + q_len
+        tail_k, tail_v = tail_k[:, :, :t], tail_v[:, :, :t]
+    t = tail_k.shape[2]
+    keys = torch.cat([ctx_k, tail_k.to(ctx_k.dtype)], dim=2).float()
+    values = torch.cat([ctx_v, tail_v.to(ctx_v.dtype)], dim=2).float()
     q_pos = torch.arange(t - q_len, t, device=query.device)[:, None]
     tail_visible = torch.arange(t, device=query.device)[None, :] <= q_pos  # [q, t]
     mask = torch.cat(
@@ -42,6 +46,8 @@ def ragged_attention_reference(query: torch.Tensor, kv: RaggedKV, scaling: float
     logits = (query.float() @ keys.transpose(-1, -2)) * scaling
     logits = logits.masked_fill(~mask, float("-inf"))
     out = torch.softmax(logits, dim=-1) @ values
+    if kv.active_rows is not None:
+        out = out * (kv.active_rows != 0).to(out.device)[:, None, None, None]
     return out.to(query.dtype).transpose(1, 2).contiguous()
 
 

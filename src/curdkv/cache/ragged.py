@@ -36,6 +36,11 @@ class RaggedKV:
     ``tail_keys``/``tail_values``: ``[B, H_kv, t, D]`` (any strides with a
     contiguous last dimension); the last ``q`` tail tokens are the ones being
     attended from in the current forward pass.
+
+    A fixed-capacity tail (:mod:`curdkv.cache.fixed`) sets ``tail_start``:
+    then ``t`` is the capacity, the tail holds ``tail_start + q`` tokens, and
+    only rows with a nonzero ``active_rows`` entry are attended (the others
+    get zeros). Both live on the device, so a decode step never asks the host.
     """
 
     keys: torch.Tensor
@@ -44,6 +49,8 @@ class RaggedKV:
     lengths: torch.Tensor  # [B, H_kv] int64, on the CPU (for sizes without a device sync)
     tail_keys: torch.Tensor
     tail_values: torch.Tensor
+    tail_start: torch.Tensor | None = None  # [1] int64 on the device
+    active_rows: torch.Tensor | None = None  # [B] int32 on the device
 
     @property
     def batch_size(self) -> int:

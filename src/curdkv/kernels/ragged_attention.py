@@ -75,8 +75,21 @@ if triton is not None:
         return m_new, l_i, acc
 
     @triton.jit
+    def _lengths(ctx_len, t_len, q_len, TailStart, RowActive, b, DEVICE_LENGTHS: tl.constexpr):
+        # With DEVICE_LENGTHS the tail is a fixed-capacity buffer: the tokens
+        # it holds before this pass's queries are read from TailStart, and a
+        # row marked inactive in RowActive (an answer that has ended) reads
+        # nothing and writes zeros. A CUDA graph replays the same launch at
+        # every decode step while these two change on the device.
+        if DEVICE_LENGTHS:
+            alive = tl.load(RowActive + b) != 0
+            t_len = tl.where(alive, tl.load(TailStart) + q_len, 0)
+            ctx_len = tl.where(alive, ctx_len, 0)
+        return ctx_len, t_len
+
+    @triton.jit
     def ragged_attn_fwd(
-        Q, K, V, TK, TV, Offsets, Out, PartO, PartL,
+        Q, K, V, TK, TV, Offsets, TailStart, RowActive, Out, PartO, PartL,
         qk_scale,
         stride_qb, stride_qh, stride_qm,
         stride_kn, stride_vn,
@@ -87,6 +100,7 @@ if triton is not None:
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         SINGLE_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, NUM_STAGES: tl.constexpr,
+        DEVICE_LENGTHS: tl.constexpr,
     ):
         bh = tl.program_id(0)
         m_tile = tl.program_id(1)
@@ -97,6 +111,8 @@ if triton is not None:
         # over programs like the context instead of serialising on one.
         seg_start = tl.load(Offsets + bh)
         ctx_len = tl.load(Offsets + bh + 1) - seg_start
+        b = (bh // H_KV).to(tl.int64)
+        ctx_len, T_LEN = _lengths(ctx_len, T_LEN, Q_LEN, TailStart, RowActive, b, DEVICE_LENGTHS)
         lo = split.to(tl.int64) * CHUNK
         hi = tl.minimum(lo + CHUNK, ctx_len + T_LEN)
         # Split 0 always has work (every head keeps >= 1 token); splits past
@@ -104,7 +120,6 @@ if triton is not None:
         if (split > 0) & (lo >= hi):
             return
 
-        b = (bh // H_KV).to(tl.int64)
         h = bh % H_KV
         n_rows = Q_LEN * GROUP
         rows = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -169,10 +184,11 @@ if triton is not None:
 
     @triton.jit
     def ragged_attn_merge(
-        PartO, PartL, Offsets, Out,
+        PartO, PartL, Offsets, TailStart, RowActive, Out,
         stride_ob, stride_om, stride_oh,
         H_KV, Q_LEN, T_LEN, CHUNK, NUM_SPLITS,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+        DEVICE_LENGTHS: tl.constexpr,
     ):
         # One program per (KV head, row, slice of the head dim): a decode
         # step has only B * H rows, and one program per row would read all
@@ -186,7 +202,9 @@ if triton is not None:
         h = bh % H_KV
         tok = r // GROUP
         head = h * GROUP + r % GROUP
-        length = tl.load(Offsets + bh + 1) - tl.load(Offsets + bh) + T_LEN
+        ctx_len, T_LEN = _lengths(tl.load(Offsets + bh + 1) - tl.load(Offsets + bh), T_LEN, Q_LEN,
+                                  TailStart, RowActive, b, DEVICE_LENGTHS)
+        length = ctx_len + T_LEN
         n_used = tl.cdiv(length, CHUNK)
 
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -253,6 +271,9 @@ class RaggedLayout(Protocol):
     lengths: torch.Tensor  # [B, H_kv] int64, on the CPU
     tail_keys: torch.Tensor  # [B, H_kv, t, D]
     tail_values: torch.Tensor
+    # Fixed-capacity tails (see curdkv.cache.fixed): t is the capacity, these on the device.
+    tail_start: torch.Tensor | None  # [1] int64: tail tokens held before the queries
+    active_rows: torch.Tensor | None  # [B] int32: rows still decoding
     num_kv_heads: int
     tail_length: int
     max_length: int
@@ -267,6 +288,10 @@ def ragged_attention_triton(query: torch.Tensor, kv: RaggedLayout, scaling: floa
     Same semantics as :func:`curdkv.attention.reference.ragged_attention_reference`. The
     keyword arguments override the tuning defaults (for benchmarks).
     No host-device synchronisation: sizes come from ``kv.lengths`` (CPU).
+    With ``kv.tail_start`` set, the tail is a fixed-capacity buffer whose
+    filled part and live rows are read on the device, and the grid is sized
+    by the capacity: the launch is the same at every decode step, so a CUDA
+    graph can replay it.
     """
     if not triton_available():
         raise RuntimeError("ragged_attention_triton needs Triton")
@@ -290,6 +315,12 @@ def ragged_attention_triton(query: torch.Tensor, kv: RaggedLayout, scaling: floa
     offsets = kv.offsets
     if offsets.dtype != torch.int64 or offsets.device != query.device:
         offsets = offsets.to(device=query.device, dtype=torch.int64)
+    tail_start, active_rows = getattr(kv, "tail_start", None), getattr(kv, "active_rows", None)
+    device_lengths = tail_start is not None
+    if device_lengths and active_rows is None:
+        raise ValueError("a fixed-capacity tail needs active_rows beside tail_start")
+    if not device_lengths:
+        tail_start = active_rows = offsets  # unused
 
     rows = q_len * group
     cfg = default_config(d, query.dtype, rows)
@@ -313,7 +344,7 @@ def ragged_attention_triton(query: torch.Tensor, kv: RaggedLayout, scaling: floa
         part_o = torch.empty(b * h_kv, splits, rows, d, device=query.device, dtype=torch.float32)
         part_l = torch.empty(b * h_kv, splits, rows, device=query.device, dtype=torch.float32)
     fwd[(b * h_kv, m_tiles, splits)](
-        query, keys, values, tail_k, tail_v, offsets, out, part_o, part_l,
+        query, keys, values, tail_k, tail_v, offsets, tail_start, active_rows, out, part_o, part_l,
         scaling * 1.4426950408889634,
         query.stride(0), query.stride(1), query.stride(2),
         keys.stride(0), values.stride(0),
@@ -325,16 +356,16 @@ def ragged_attention_triton(query: torch.Tensor, kv: RaggedLayout, scaling: floa
         SINGLE_SPLIT=single,
         # fp32 inputs get full fp32 products (TF32 would miss a 1e-3 tolerance); the flag only affects fp32.
         DOT_PREC="ieee" if query.dtype == torch.float32 else "tf32", NUM_STAGES=num_stages,
-        num_warps=num_warps, num_stages=num_stages,
+        DEVICE_LENGTHS=device_lengths, num_warps=num_warps, num_stages=num_stages,
     )
     if not single:
         block_s = min(128, next_pow2(splits))
         block_dm = min(block_d, 32)
         merge[(b * h_kv * rows, block_d // block_dm)](
-            part_o, part_l, offsets, out,
+            part_o, part_l, offsets, tail_start, active_rows, out,
             out.stride(0), out.stride(1), out.stride(2),
             h_kv, q_len, t, chunk, splits,
-            GROUP=group, HEAD_DIM=d, BLOCK_D=block_dm, BLOCK_S=block_s,
+            GROUP=group, HEAD_DIM=d, BLOCK_D=block_dm, BLOCK_S=block_s, DEVICE_LENGTHS=device_lengths,
             num_warps=4,
         )
     return out
