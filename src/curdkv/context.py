@@ -15,9 +15,11 @@ import torch
 
 from .attention.function import using_curdkv_attention
 from .cache.dense import CompressedCache
+from .cache.fixed import FixedCapacityCache
 from .cache.stack import stack_contexts
 from .presses.base import Press, check_press
 from .runtime.capture import PrefillCapture, capture_ids
+from .runtime.graph_decode import GraphDecoder, answer_on_graph, decodable_on_graph, resolve_cuda_graph
 from .runtime.hooks import compress
 from .runtime.model import attention_modules, refuse_inside_compress
 from .transformers_compat import forward_with_cache
@@ -94,30 +96,42 @@ class CompressedContext:
         """Bytes of the context's keys and values held."""
         return self.cache.nbytes()
 
-    def ask(self, question: str, max_new_tokens: int = 32, answer_prefix: str | None = None) -> str:
-        """Answer ``question`` greedily; the compressed cache is left as it was."""
+    def ask(self, question: str, max_new_tokens: int = 32, answer_prefix: str | None = None, *,
+            cuda_graph: bool | None = None) -> str:
+        """Answer ``question`` greedily; the compressed cache is left as it was.
+
+        ``cuda_graph``: decode by replaying a CUDA graph (``None``: on CUDA
+        with Triton; ``False``: never), see :mod:`curdkv.runtime.graph_decode`.
+        """
         return answer_greedily(
-            self.model, self.tokenizer, self.cache, self.context_length, question, max_new_tokens, answer_prefix
+            self.model, self.tokenizer, self.cache, self.context_length, question, max_new_tokens, answer_prefix,
+            cuda_graph=cuda_graph,
         )[0]
 
 
 @torch.no_grad()
 def answer_greedily(
     model, tokenizer, cache, context_length: int, question: str, max_new_tokens: int = 32,
-    answer_prefix: str | None = None, separator: str = "\n",
+    answer_prefix: str | None = None, separator: str = "\n", *, cuda_graph: bool | None = None,
 ) -> list[str]:
     """Greedy answers to one question for every batch row of ``cache``; the cache is restored afterwards.
 
     Rows may hold different compressions of the same context (see
     :func:`curdkv.cache.stack.stack_caches`); each stops at its own end token.
+    On CUDA the answer is decoded by CUDA-graph replay unless ``cuda_graph=False``.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_max_new_tokens(max_new_tokens)
     first = cache.layers[0]
     device = first.keys.device
     rows = first.keys.shape[0]
     ids = encode_question(tokenizer, question, answer_prefix, device, separator).expand(rows, -1)
     stop = torch.tensor(sorted(_stop_ids(model, tokenizer)) or [-1], device=device)
+    if _graph_decoding(cuda_graph, device, cache, max_new_tokens):
+        positions = torch.arange(context_length, context_length + ids.shape[1], device=device)[None].expand(rows, -1)
+        with using_curdkv_attention(model):
+            tokens = answer_on_graph(model, cache, ids, positions, stop, max_new_tokens)
+        stop_set = set(stop.tolist())
+        return [_answer_text(tokenizer, row, stop_set) for row in tokens.tolist()]
     snapshot = cache.snapshot()
     position = context_length
     generated = []
@@ -142,6 +156,22 @@ def answer_greedily(
     return [_answer_text(tokenizer, row, stop_set) for row in torch.stack(generated, dim=1).tolist()]
 
 
+def check_max_new_tokens(max_new_tokens) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+
+
+def _graph_decoding(cuda_graph, device, cache, max_new_tokens: int) -> bool:
+    """Whether to decode by graph replay: asked for (or possible, by default), worth it, and the cache allows it."""
+    if not resolve_cuda_graph(cuda_graph, device):
+        return False
+    if not decodable_on_graph(cache):
+        if cuda_graph:
+            raise ValueError("cuda_graph=True needs a cache in the dense or ragged layout (not masked)")
+        return False
+    return max_new_tokens > 1
+
+
 def _answer_text(tokenizer, tokens: list[int], stop: set[int]) -> str:
     """The answer a row's generated tokens spell, up to its first end token."""
     kept = []
@@ -153,7 +183,8 @@ def _answer_text(tokenizer, tokens: list[int], stop: set[int]) -> str:
 
 
 @torch.no_grad()
-def ask_many(requests, max_new_tokens: int = 32, answer_prefix: str | None = None) -> list[str]:
+def ask_many(requests, max_new_tokens: int = 32, answer_prefix: str | None = None, *,
+             cuda_graph: bool | None = None) -> list[str]:
     """Answer many ``(context, question)`` pairs in one decode batch: the serving case.
 
     ``requests``: pairs of a :class:`CompressedContext` (from :func:`prefill`
@@ -165,10 +196,11 @@ def ask_many(requests, max_new_tokens: int = 32, answer_prefix: str | None = Non
     own positions, and a row that has finished leaves the batch, so it costs
     no more reads. Every answer is the one ``context.ask(question)`` gives
     (greedy), up to rounding near-ties of the batched attention. The contexts'
-    caches are left as they were.
+    caches are left as they were. On CUDA the batch decodes by CUDA-graph
+    replay (``cuda_graph=False`` to decode eagerly); a finished row then
+    stays in the batch but its attention reads nothing.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_max_new_tokens(max_new_tokens)
     requests = list(requests)
     if not requests:
         raise ValueError("requests must hold at least one (context, question) pair")
@@ -197,6 +229,12 @@ def ask_many(requests, max_new_tokens: int = 32, answer_prefix: str | None = Non
         cache = stack_contexts(prefilled)
         token = torch.cat(first_tokens)
         position = torch.tensor(positions, device=device)
+        stop_set = set(stop.tolist())
+        if _graph_decoding(cuda_graph, device, cache, max_new_tokens) and not bool(torch.isin(token, stop).all()):
+            fixed = FixedCapacityCache.from_cache(cache, max_new_tokens)
+            rest = GraphDecoder(model, fixed, token, position, stop, max_new_tokens - 1).run()
+            tokens = torch.cat([token[:, None], rest], dim=1)
+            return [_answer_text(tokenizer, row, stop_set) for row in tokens.tolist()]
         generated: list[list[int]] = [[] for _ in requests]
         active = list(range(len(requests)))  # the original index of each batch row
         for step in range(max_new_tokens):
@@ -215,7 +253,6 @@ def ask_many(requests, max_new_tokens: int = 32, answer_prefix: str | None = Non
             out = forward_with_cache(model, cache, input_ids=token[:, None], position_ids=position[:, None],
                                      use_cache=True, logits_to_keep=1)
             token, position = out.logits[:, -1].argmax(-1), position + 1
-    stop_set = set(stop.tolist())
     return [_answer_text(tokenizer, tokens, stop_set) for tokens in generated]
 
 

@@ -1,0 +1,235 @@
+"""Greedy decoding replayed as one CUDA graph per step.
+
+Decoding one token runs a few hundred small kernels (per layer: norms,
+projections, RoPE, the cache write, attention, the MLP). Launched one by one
+from Python, the launches cost more than the kernels: on an H200 an 8B model
+decodes at 30-90 ms per token that way, where reading its weights and its
+kept cache takes 4-7 ms. A CUDA graph records the step's kernels once and
+replays them with one launch.
+
+What we capture is transformers' own forward over a
+:class:`~curdkv.cache.fixed.FixedCapacityCache`, with the greedy choice and
+the bookkeeping of the next step appended, so a replay needs nothing from
+the host:
+
+- the input token and the positions are static buffers the step itself
+  overwrites;
+- the cache writes at a device-resident index, and the attention kernel
+  reads the tail's fill and the live rows from the device;
+- the chosen tokens go to a device buffer; a row whose token is an end
+  token is marked inactive, so its attention reads nothing from then on.
+
+Capturing the model's own forward (rather than rewriting the forward of each
+architecture, as gpt-fast does, or compiling it with torch.compile) keeps
+every model that runs under curdkv's attention function on the same path,
+costs no compilation, and runs exactly the kernels an eager step runs: the
+tokens of a replay equal those of the eager step on the same cache, bit for
+bit.
+
+The host never waits for the step it just launched: it reads the "all rows
+done" flag of the step :data:`LOOKAHEAD` launches back, through pinned
+memory, so the GPU always has the next steps queued and at most
+``LOOKAHEAD`` extra steps run past the last end token.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch
+
+from ..cache.fixed import FixedCapacityCache
+from ..transformers_compat import forward_with_cache
+from .lean_step import LeanStep, lean_step_agrees, lean_step_unsupported
+
+# Steps launched ahead of the one whose "done" flag the host reads.
+LOOKAHEAD = 2
+
+
+def graphs_possible(device: torch.device) -> bool:
+    """Whether CUDA-graph decoding can run here: a CUDA device and Triton (for the fixed-capacity kernel)."""
+    if torch.device(device).type != "cuda":
+        return False
+    from ..kernels.ragged_attention import triton_available
+
+    return triton_available()
+
+
+def resolve_cuda_graph(cuda_graph, device) -> bool:
+    """``cuda_graph`` (``None``: wherever possible, ``True``: required, ``False``: never) for ``device``."""
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        raise ValueError(f"cuda_graph must be None, True or False, got {cuda_graph!r}")
+    possible = graphs_possible(device)
+    if cuda_graph and not possible:
+        raise ValueError(
+            f"cuda_graph=True needs a CUDA device and Triton; the model is on {torch.device(device)}"
+            f"{'' if torch.device(device).type != 'cuda' else ' and Triton is not installed'}"
+        )
+    return possible if cuda_graph is None else cuda_graph
+
+
+# Models whose lean step was compared with transformers' forward: model -> whether it agreed.
+_LEAN_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class GraphDecoder:
+    """Greedy steps over a fixed-capacity cache: a real first step, then one graph replayed.
+
+    ``token [R]``: each row's last chosen token, not yet in the cache;
+    ``position [R]``: its RoPE position. ``stop``: end token ids ``[S]``.
+    ``capture=False`` runs the same step eagerly (what the graph is tested against).
+    ``lean``: the step is :class:`~curdkv.runtime.lean_step.LeanStep` (``None``:
+    where the model supports it; ``False``: transformers' forward).
+    """
+
+    def __init__(self, model, cache: FixedCapacityCache, token: torch.Tensor, position: torch.Tensor,
+                 stop: torch.Tensor, steps: int, capture: bool = True, lean: bool | None = None):
+        if steps > cache.state.capacity - cache.state.host_filled:
+            raise ValueError(
+                f"{steps} decode steps do not fit: the cache has room for "
+                f"{cache.state.capacity - cache.state.host_filled} more tokens"
+            )
+        rows = cache.batch_size
+        self.model, self.cache, self.stop, self.steps = model, cache, stop, steps
+        self.capture = capture
+        self.input_ids = token.reshape(rows, 1).clone()
+        self.position = position.reshape(rows, 1).clone()
+        self.done = torch.isin(token.reshape(rows), stop)
+        cache.state.active.copy_((~self.done).to(torch.int32))
+        self.tokens = torch.zeros(rows, steps, dtype=torch.int64, device=token.device)
+        self.step_index = torch.zeros(1, dtype=torch.int64, device=token.device)
+        self.all_done: torch.Tensor | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.started = False
+        self.lean_step = None
+        if lean is not False and _LEAN_CHECKED.get(model, True):
+            reason = lean_step_unsupported(model)
+            if reason is None:
+                self.lean_step = LeanStep(model, cache)
+            elif lean:
+                raise ValueError(f"lean=True: {reason}")
+
+    def _transformers_logits(self) -> torch.Tensor:
+        out = forward_with_cache(self.model, self.cache, input_ids=self.input_ids, position_ids=self.position,
+                                 use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def _logits(self) -> torch.Tensor:
+        if self.lean_step is not None:
+            return self.lean_step(self.input_ids, self.position)
+        return self._transformers_logits()
+
+    def _step(self) -> None:
+        # Everything here runs on the device with fixed shapes: it is what the graph replays.
+        self._advance(self._logits())
+
+    def _checked_step(self) -> None:
+        """A step that first compares the lean step with transformers' forward, once per model."""
+        if self.lean_step is None or self.model in _LEAN_CHECKED:
+            self._step()
+            return
+        reference = self._transformers_logits()  # both write this token's K/V into the same slot
+        ok, error = lean_step_agrees(self.lean_step(self.input_ids, self.position), reference)
+        _LEAN_CHECKED[self.model] = ok
+        if not ok:
+            warnings.warn(f"the lean decode step's logits differ from transformers' (relative error {error:.2e}); "
+                          "this model decodes with transformers' forward instead", stacklevel=4)
+            self.lean_step = None
+            reference = self._transformers_logits()  # rewrite the slot with transformers' K/V
+        self._advance(reference)
+
+    def _advance(self, logits: torch.Tensor) -> None:
+        state = self.cache.state
+        state.filled.add_(1)
+        token = logits.argmax(-1)
+        self.tokens.index_copy_(1, self.step_index, token[:, None])
+        self.step_index.add_(1)
+        self.done |= (token[:, None] == self.stop[None, :]).any(-1)
+        state.active.copy_((~self.done).to(torch.int32))
+        self.all_done = self.done.all()
+        self.input_ids.copy_(token[:, None])
+        self.position.add_(1)
+
+    def start(self) -> None:
+        """The first step, run for real (on a side stream, as capture requires: it compiles the kernels), then the capture."""
+        if self.started:
+            raise RuntimeError("this GraphDecoder has started already")
+        self.started = True
+        if not self.capture:
+            self._checked_step()
+        else:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._checked_step()
+            torch.cuda.current_stream().wait_stream(side)
+        self.cache.state.host_filled += 1
+        self.first_all_done = self.all_done  # the capture below rebinds all_done to the graph's (not yet run) output
+        if self.capture and self.steps > 1:
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self._step()  # recorded, not run
+                self.graph = graph
+            except RuntimeError as error:
+                warnings.warn(f"CUDA-graph capture failed ({error}); decoding eagerly instead, which is slower "
+                              "but gives the same tokens (pass cuda_graph=False to skip the attempt)", stacklevel=3)
+
+    def run(self) -> torch.Tensor:
+        """Decode up to ``steps`` tokens per row; returns them ``[R, n]`` (rows past their end hold filler)."""
+        if not self.started:
+            self.start()
+        n = 1
+        if self.steps == 1 or bool(self.first_all_done):
+            return self.tokens[:, :1]
+        on_cuda = self.tokens.device.type == "cuda"
+        flags = torch.zeros(self.steps, dtype=torch.bool, pin_memory=on_cuda)
+        events = []
+        for k in range(1, self.steps):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+            self.cache.state.host_filled += 1
+            n += 1
+            flags[k].copy_(self.all_done, non_blocking=on_cuda)
+            if on_cuda:
+                event = torch.cuda.Event()
+                event.record()
+                events.append(event)
+            back = len(events) - 1 - LOOKAHEAD
+            if not on_cuda:
+                if bool(flags[k]):
+                    break
+            elif back >= 0:
+                events[back].synchronize()
+                if bool(flags[back + 1]):
+                    break
+        return self.tokens[:, :n]
+
+
+def decodable_on_graph(cache) -> bool:
+    """Whether every layer of ``cache`` can be decoded at a fixed capacity (dense or ragged layouts)."""
+    from ..cache.dense import CompressedLayer
+    from ..cache.ragged import RaggedLayer
+
+    return bool(cache.layers) and all(isinstance(layer, (CompressedLayer, RaggedLayer)) for layer in cache.layers)
+
+
+def answer_on_graph(model, cache, ids: torch.Tensor, positions: torch.Tensor, stop: torch.Tensor,
+                    max_new_tokens: int, capture: bool = True, lean: bool | None = None) -> torch.Tensor:
+    """Greedy tokens ``[R, n]`` (n <= ``max_new_tokens``) for question ``ids [R, Q]`` at ``positions [R, Q]``.
+
+    The question is prefilled eagerly into a fixed-capacity view of
+    ``cache`` (which is left unchanged), then the answer is decoded by a
+    :class:`GraphDecoder`. The caller has switched the model to curdkv's attention.
+    """
+    fixed = FixedCapacityCache.from_cache(cache, ids.shape[1] + max_new_tokens)
+    out = forward_with_cache(model, fixed, input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1)
+    fixed.state.advance(ids.shape[1])
+    first = out.logits[:, -1].argmax(-1)
+    if max_new_tokens == 1 or bool(torch.isin(first, stop).all()):
+        return first[:, None]
+    rest = GraphDecoder(model, fixed, first, positions[:, -1] + 1, stop, max_new_tokens - 1, capture, lean).run()
+    return torch.cat([first[:, None], rest], dim=1)
