@@ -36,9 +36,12 @@ ADAPTIVE_SUITES = ("presses/test_adakv.py", "presses/test_base.py", "cache/test_
 # The head-adaptive tests of presses/test_chunkkv.py: the fast suites run these two, not the whole file.
 ADAPTIVE_CHUNKKV = ("presses/test_chunkkv.py::test_chunkkv_over_pyramidkv_keeps_its_layer_budgets",
                     "presses/test_chunkkv.py::test_chunkkv_refuses_a_head_adaptive_base")
+# The lean decode step reads the models' modules and rotary embedding by name: it breaks first when they move.
+GRAPH_SUITES = ("runtime/test_lean_step.py", "runtime/test_graph_decode.py")
 CORE_SUITES = ("test_compat.py", "runtime/test_hooks.py", *PRESS_SUITES, *ADAPTIVE_SUITES, "runtime/test_decoding.py",
-               "test_real_model.py")
-FAST_SUITES = ("test_compat.py", "runtime/test_hooks.py", *ADAPTIVE_SUITES, *ADAPTIVE_CHUNKKV, "runtime/test_decoding.py")
+               *GRAPH_SUITES, "test_real_model.py")
+FAST_SUITES = ("test_compat.py", "runtime/test_hooks.py", *ADAPTIVE_SUITES, *ADAPTIVE_CHUNKKV, "runtime/test_decoding.py",
+               *GRAPH_SUITES)
 # Pinned by each release itself: transformers 5.17 needs huggingface-hub < 2, 5.20 and later allow 2.x.
 RELEASE_COUPLED = {"transformers", "huggingface-hub", "hf-xet"}
 TORCH = "torch==2.13.0"

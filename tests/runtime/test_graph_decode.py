@@ -15,13 +15,15 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import curdkv
-from conftest import tiny_model
+from conftest import random_ids, tiny_model
 from curdkv.attention.function import using_curdkv_attention
 from curdkv.cache.dense import CompressedCache
 from curdkv.cache.fixed import FixedCapacityCache, TailState
 from curdkv.cache.ragged import RaggedLayer
 from curdkv.context import CompressedContext, _stop_ids, ask_many, encode_question
-from curdkv.runtime import graph_decode
+from curdkv.runtime import graph_decode, graph_generate, hooks
+from curdkv.runtime.hooks import compress
+from curdkv.transformers_compat import cache_keyword
 from curdkv.runtime.graph_decode import GraphDecoder, answer_on_graph
 from test_context import ByteTokenizer, _text
 
@@ -229,3 +231,70 @@ def test_a_failed_capture_warns_and_decodes_eagerly(monkeypatch):
     with pytest.warns(UserWarning, match="CUDA-graph capture failed .*capture not possible here"):
         answer = ctx.ask("q?", 8)
     assert answer == ctx.ask("q?", 8, cuda_graph=False)
+
+
+# --- model.generate inside curdkv.compress -----------------------------------------------------------
+
+
+class _EagerLogitsGraph(graph_generate.LogitsGraph):
+    """The logits step graph run eagerly (CPU): the same device-side step, counted."""
+
+    built: list[int] = []
+    calls = 0
+
+    def __init__(self, model, cache, capture=True, lean=None):
+        super().__init__(model, cache, capture=False, lean=lean)
+        type(self).built.append(cache.state.capacity)
+
+    def __call__(self, input_ids, position_ids):
+        type(self).calls += 1
+        return super().__call__(input_ids, position_ids)
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen3"])
+@pytest.mark.parametrize("press", [curdkv.CurDKVPress(0.5, num_sinks=2), curdkv.AdaCurDKVPress(0.6, num_sinks=2),
+                                   curdkv.SnapKVPress(0.7, window_size=4)], ids=lambda p: p.name)
+def test_generate_under_compress_decodes_through_the_step_graph(arch, press, monkeypatch):
+    """generate's decode steps go through the logits graph (growing its capacity twice) and give the same tokens."""
+    model = tiny_model(arch)
+    ids = random_ids(90, batch=2, seed=3)
+    with compress(model, press, cuda_graph=False):
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, min_new_tokens=40,
+                                  do_sample=False)
+    monkeypatch.setattr(hooks, "resolve_cuda_graph", lambda cuda_graph, device: cuda_graph is not False)
+    monkeypatch.setattr(graph_generate, "FIRST_CAPACITY", 16)
+    monkeypatch.setattr(graph_generate, "LogitsGraph", _EagerLogitsGraph)
+    _EagerLogitsGraph.built, _EagerLogitsGraph.calls = [], 0
+    cache = CompressedCache()
+    with compress(model, press):
+        got = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, min_new_tokens=40,
+                             do_sample=False, **{cache_keyword(model): cache})
+    assert torch.equal(got, expected)
+    assert _EagerLogitsGraph.calls == 39 and _EagerLogitsGraph.built == [16, 32, 64]
+    assert cache.get_seq_length() == 90 + 39  # the caller's cache holds the generated tokens, at their positions
+    assert "forward" not in model.__dict__  # the wrapper is gone with the block
+
+
+def test_generate_with_cuda_graph_true_needs_cuda_and_refuses_max_cache_tokens():
+    model = tiny_model("tiny-llama")
+    if not CUDA:
+        with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
+            with compress(model, curdkv.CurDKVPress(0.5), cuda_graph=True):
+                pass
+    with pytest.raises(ValueError, match="cuda_graph must be None, True or False"):
+        with compress(model, curdkv.CurDKVPress(0.5), cuda_graph=1):
+            pass
+
+
+@needs_cuda
+@pytest.mark.parametrize("press", [curdkv.CurDKVPress(0.5), curdkv.AdaCurDKVPress(0.7)], ids=lambda p: p.name)
+def test_generate_under_compress_on_cuda_replays_the_graph(press):
+    model = llama(2, 64, device="cuda")
+    ids = random_ids(600, batch=2, seed=1).cuda()
+    with compress(model, press, cuda_graph=False):
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=300, min_new_tokens=300,
+                                  do_sample=False)
+    with compress(model, press):
+        got = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=300, min_new_tokens=300,
+                             do_sample=False)
+    assert torch.equal(got, expected)  # float32; 300 tokens grow the tail past its first capacity

@@ -42,13 +42,17 @@ class TailState:
         self.host_filled = 0
         self._index: torch.Tensor | None = None
 
-    def write_index(self, q: int) -> torch.Tensor:
-        """``[q]`` tail slots the current forward pass writes (computed once, shared by every layer)."""
+    def reserve(self, q: int) -> None:
+        """Raise unless ``q`` more tokens fit."""
         if self.host_filled + q > self.capacity:
             raise ValueError(
                 f"the fixed-capacity cache holds {self.capacity} appended tokens; "
                 f"{self.host_filled} are written and {q} more do not fit"
             )
+
+    def write_index(self, q: int) -> torch.Tensor:
+        """``[q]`` tail slots the current forward pass writes (computed once, shared by every layer)."""
+        self.reserve(q)
         if q == 1:
             return self.filled
         if self._index is None or self._index.numel() != q:
@@ -65,7 +69,7 @@ class TailState:
 class FixedCapacityLayer(DynamicLayer):
     """One layer's kept context plus a preallocated tail; see the module docstring."""
 
-    def __init__(self, kept: RaggedLayer, state: TailState):
+    def __init__(self, kept: RaggedLayer | FixedCapacityLayer, state: TailState):
         super().__init__()
         self.dtype, self.device = kept.dtype, kept.device
         self.context_keys, self.context_values = kept.context_keys, kept.context_values
@@ -76,6 +80,10 @@ class FixedCapacityLayer(DynamicLayer):
         # Allocated to the dtype of the keys projected at decode time, which is the kept context's.
         self.tail_keys = kept.context_keys.new_zeros(b, h, state.capacity, kept.context_keys.shape[-1])
         self.tail_values = kept.context_values.new_zeros(b, h, state.capacity, kept.context_values.shape[-1])
+        if isinstance(kept, FixedCapacityLayer):  # a grown copy: the tokens appended so far come along
+            filled = kept.state.host_filled
+            self.tail_keys[:, :, :filled] = kept.tail_keys[:, :, :filled]
+            self.tail_values[:, :, :filled] = kept.tail_values[:, :, :filled]
         self.keys, self.values = self.tail_keys, self.tail_values  # dtype/device for code that looks
         self.is_initialized = True
 
@@ -138,6 +146,18 @@ class FixedCapacityCache(CompressedCache):
         out = cls()
         out.state = TailState(kept[0].batch_size, capacity, kept[0].device)
         out.layers = [FixedCapacityLayer(layer, out.state) for layer in kept]
+        return out
+
+    def grown(self, capacity: int) -> FixedCapacityCache:
+        """The same cache with room for ``capacity`` appended tokens (the tokens appended so far copied over)."""
+        if capacity < self.state.host_filled:
+            raise ValueError(f"capacity {capacity} is below the {self.state.host_filled} tokens already appended")
+        out = type(self)()
+        out.state = TailState(self.batch_size, capacity, self.state.filled.device)
+        out.state.filled.copy_(self.state.filled)
+        out.state.active.copy_(self.state.active)
+        out.state.host_filled = self.state.host_filled
+        out.layers = [FixedCapacityLayer(layer, out.state) for layer in self.layers]
         return out
 
     @property

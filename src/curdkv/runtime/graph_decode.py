@@ -73,33 +73,22 @@ def resolve_cuda_graph(cuda_graph, device) -> bool:
 _LEAN_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-class GraphDecoder:
-    """Greedy steps over a fixed-capacity cache: a real first step, then one graph replayed.
+class StepGraph:
+    """One decode step over a fixed-capacity cache: run once for real, then captured and replayed.
 
-    ``token [R]``: each row's last chosen token, not yet in the cache;
-    ``position [R]``: its RoPE position. ``stop``: end token ids ``[S]``.
-    ``capture=False`` runs the same step eagerly (what the graph is tested against).
-    ``lean``: the step is :class:`~curdkv.runtime.lean_step.LeanStep` (``None``:
-    where the model supports it; ``False``: transformers' forward).
+    The step reads the token ids and positions from :attr:`input_ids` and
+    :attr:`position` (``[R, 1]`` buffers); subclasses say what happens to its
+    logits (:meth:`after`), inside the graph. ``capture=False`` runs the
+    same step eagerly (what the graph is tested against). ``lean``: the step
+    is :class:`~curdkv.runtime.lean_step.LeanStep` (``None``: where the model
+    supports it; ``False``: transformers' forward).
     """
 
-    def __init__(self, model, cache: FixedCapacityCache, token: torch.Tensor, position: torch.Tensor,
-                 stop: torch.Tensor, steps: int, capture: bool = True, lean: bool | None = None):
-        if steps > cache.state.capacity - cache.state.host_filled:
-            raise ValueError(
-                f"{steps} decode steps do not fit: the cache has room for "
-                f"{cache.state.capacity - cache.state.host_filled} more tokens"
-            )
-        rows = cache.batch_size
-        self.model, self.cache, self.stop, self.steps = model, cache, stop, steps
-        self.capture = capture
-        self.input_ids = token.reshape(rows, 1).clone()
-        self.position = position.reshape(rows, 1).clone()
-        self.done = torch.isin(token.reshape(rows), stop)
-        cache.state.active.copy_((~self.done).to(torch.int32))
-        self.tokens = torch.zeros(rows, steps, dtype=torch.int64, device=token.device)
-        self.step_index = torch.zeros(1, dtype=torch.int64, device=token.device)
-        self.all_done: torch.Tensor | None = None
+    def __init__(self, model, cache: FixedCapacityCache, capture: bool = True, lean: bool | None = None):
+        rows, device = cache.batch_size, cache.state.filled.device
+        self.model, self.cache, self.capture = model, cache, capture
+        self.input_ids = torch.zeros(rows, 1, dtype=torch.int64, device=device)
+        self.position = torch.zeros(rows, 1, dtype=torch.int64, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.started = False
         self.lean_step = None
@@ -120,9 +109,14 @@ class GraphDecoder:
             return self.lean_step(self.input_ids, self.position)
         return self._transformers_logits()
 
-    def _step(self) -> None:
+    def after(self, logits: torch.Tensor) -> None:
+        """What the step does with its logits ``[R, V]`` (device work only: it is replayed)."""
+
+    def _step(self, logits: torch.Tensor | None = None) -> None:
         # Everything here runs on the device with fixed shapes: it is what the graph replays.
-        self._advance(self._logits())
+        logits = self._logits() if logits is None else logits
+        self.cache.state.filled.add_(1)
+        self.after(logits)
 
     def _checked_step(self) -> None:
         """A step that first compares the lean step with transformers' forward, once per model."""
@@ -137,25 +131,14 @@ class GraphDecoder:
                           "this model decodes with transformers' forward instead", stacklevel=4)
             self.lean_step = None
             reference = self._transformers_logits()  # rewrite the slot with transformers' K/V
-        self._advance(reference)
-
-    def _advance(self, logits: torch.Tensor) -> None:
-        state = self.cache.state
-        state.filled.add_(1)
-        token = logits.argmax(-1)
-        self.tokens.index_copy_(1, self.step_index, token[:, None])
-        self.step_index.add_(1)
-        self.done |= (token[:, None] == self.stop[None, :]).any(-1)
-        state.active.copy_((~self.done).to(torch.int32))
-        self.all_done = self.done.all()
-        self.input_ids.copy_(token[:, None])
-        self.position.add_(1)
+        self._step(reference)
 
     def start(self) -> None:
         """The first step, run for real (on a side stream, as capture requires: it compiles the kernels), then the capture."""
         if self.started:
-            raise RuntimeError("this GraphDecoder has started already")
+            raise RuntimeError("this step graph has started already")
         self.started = True
+        self.cache.state.reserve(1)
         if not self.capture:
             self._checked_step()
         else:
@@ -165,8 +148,8 @@ class GraphDecoder:
                 self._checked_step()
             torch.cuda.current_stream().wait_stream(side)
         self.cache.state.host_filled += 1
-        self.first_all_done = self.all_done  # the capture below rebinds all_done to the graph's (not yet run) output
-        if self.capture and self.steps > 1:
+        self.first_outputs()
+        if self.capture:
             try:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
@@ -175,6 +158,55 @@ class GraphDecoder:
             except RuntimeError as error:
                 warnings.warn(f"CUDA-graph capture failed ({error}); decoding eagerly instead, which is slower "
                               "but gives the same tokens (pass cuda_graph=False to skip the attempt)", stacklevel=3)
+
+    def first_outputs(self) -> None:
+        """Keep what the first (real) step produced before the capture rebinds the step's outputs."""
+
+    def replay(self) -> None:
+        """One more step (the first one is :meth:`start`)."""
+        self.cache.state.reserve(1)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step()
+        self.cache.state.host_filled += 1
+
+
+class GraphDecoder(StepGraph):
+    """Greedy steps: the argmax, its bookkeeping and the row's end all inside the replayed step.
+
+    ``token [R]``: each row's last chosen token, not yet in the cache;
+    ``position [R]``: its RoPE position. ``stop``: end token ids ``[S]``.
+    """
+
+    def __init__(self, model, cache: FixedCapacityCache, token: torch.Tensor, position: torch.Tensor,
+                 stop: torch.Tensor, steps: int, capture: bool = True, lean: bool | None = None):
+        room = cache.state.capacity - cache.state.host_filled
+        if steps > room:
+            raise ValueError(f"{steps} decode steps do not fit: the cache has room for {room} more tokens")
+        super().__init__(model, cache, capture, lean)
+        rows = cache.batch_size
+        self.stop, self.steps = stop, steps
+        self.input_ids.copy_(token.reshape(rows, 1))
+        self.position.copy_(position.reshape(rows, 1))
+        self.done = torch.isin(token.reshape(rows), stop)
+        cache.state.active.copy_((~self.done).to(torch.int32))
+        self.tokens = torch.zeros(rows, steps, dtype=torch.int64, device=token.device)
+        self.step_index = torch.zeros(1, dtype=torch.int64, device=token.device)
+        self.all_done: torch.Tensor | None = None
+
+    def after(self, logits: torch.Tensor) -> None:
+        token = logits.argmax(-1)
+        self.tokens.index_copy_(1, self.step_index, token[:, None])
+        self.step_index.add_(1)
+        self.done |= (token[:, None] == self.stop[None, :]).any(-1)
+        self.cache.state.active.copy_((~self.done).to(torch.int32))
+        self.all_done = self.done.all()
+        self.input_ids.copy_(token[:, None])
+        self.position.add_(1)
+
+    def first_outputs(self) -> None:
+        self.first_all_done = self.all_done
 
     def run(self) -> torch.Tensor:
         """Decode up to ``steps`` tokens per row; returns them ``[R, n]`` (rows past their end hold filler)."""
@@ -187,26 +219,42 @@ class GraphDecoder:
         flags = torch.zeros(self.steps, dtype=torch.bool, pin_memory=on_cuda)
         events = []
         for k in range(1, self.steps):
-            if self.graph is not None:
-                self.graph.replay()
-            else:
-                self._step()
-            self.cache.state.host_filled += 1
+            self.replay()
             n += 1
             flags[k].copy_(self.all_done, non_blocking=on_cuda)
-            if on_cuda:
-                event = torch.cuda.Event()
-                event.record()
-                events.append(event)
-            back = len(events) - 1 - LOOKAHEAD
             if not on_cuda:
                 if bool(flags[k]):
                     break
-            elif back >= 0:
+                continue
+            event = torch.cuda.Event()
+            event.record()
+            events.append(event)
+            back = len(events) - 1 - LOOKAHEAD
+            if back >= 0:
                 events[back].synchronize()
                 if bool(flags[back + 1]):
                     break
         return self.tokens[:, :n]
+
+
+class LogitsGraph(StepGraph):
+    """A replayed step that hands its logits back, for decoding loops that choose tokens themselves (``generate``)."""
+
+    def after(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[R, V]`` (a copy) of ``input_ids [R, 1]`` at ``position_ids [R, 1]``."""
+        self.input_ids.copy_(input_ids)
+        self.position.copy_(position_ids)
+        if not self.started:
+            self.start()
+            return self.first_logits
+        self.replay()
+        return self.logits.clone()
+
+    def first_outputs(self) -> None:
+        self.first_logits = self.logits.clone()
 
 
 def decodable_on_graph(cache) -> bool:

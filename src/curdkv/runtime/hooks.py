@@ -19,6 +19,8 @@ from ..presses.base import Press, check_choice, check_press
 from ..transformers_compat import TESTED_TRANSFORMERS, TRANSFORMERS_VERSION, find_cache
 from .capture import PrefillCapture
 from .decoding import DecodeBudget
+from .graph_decode import resolve_cuda_graph
+from .graph_generate import GraphGenerate
 from .layer import LAYOUTS, compress_layer
 from .model import attention_modules, compressing, refuse_inside_compress
 from .overlap import SideStream
@@ -55,6 +57,8 @@ class _Hooks:
         self.depth = 0  # nested forwards (lookahead decoding inside the hooks) are curdkv's own
         # Layers the hooks compressed in this forward, with what verify() checks of each.
         self.handled: dict[int, int | None] = {}
+        # Set when a replayed decode step served the forward (no attention module runs; nothing is due).
+        self.graph_served = False
 
     def install(self, model) -> list:
         handles = [model.register_forward_pre_hook(self.before_forward, with_kwargs=True),
@@ -76,6 +80,7 @@ class _Hooks:
         if self.depth == 1:
             self.recorder.calls.clear()
             self.handled.clear()
+            self.graph_served = False
 
     def layer_call(self, module) -> tuple[int, int, bool]:
         """``(layer, new tokens, whether this was a first prefill)`` of the attention call that just ran."""
@@ -116,6 +121,8 @@ class _Hooks:
 
     def verify(self) -> None:
         """Raise if a layer that is :meth:`due` was left as it was."""
+        if self.graph_served:
+            return
         for i in range(len(self.modules)):
             if i not in self.recorder.calls:
                 raise self.failure(i, "its attention did not run through curdkv's attention function")
@@ -216,7 +223,8 @@ class _DecodeBudget(_Hooks):
 
 @contextlib.contextmanager
 def compress(
-    model, press: Press, layout: str | None = None, max_cache_tokens: int | None = None, overlap: bool = True
+    model, press: Press, layout: str | None = None, max_cache_tokens: int | None = None, overlap: bool = True,
+    cuda_graph: bool | None = None,
 ):
     """Compress the KV cache of every prefill run inside the block.
 
@@ -243,6 +251,12 @@ def compress(
     (NaN scores) are then raised when the prefill's forward pass ends rather
     than at the layer; ``overlap=False`` compresses on the prefill's stream
     and checks each layer at once.
+
+    ``cuda_graph`` (CUDA with Triton, the default there): decode steps over
+    the compressed cache, as ``model.generate`` runs them, are replayed as a
+    CUDA graph (:mod:`curdkv.runtime.graph_generate`); ``False`` runs every
+    step through the model's forward. Not with ``max_cache_tokens``, whose
+    evictions change the cache at every step.
     """
     check_press(press)
     if layout is not None:
@@ -251,6 +265,9 @@ def compress(
         raise ValueError(f"overlap must be True or False, got {overlap!r}")
     modules = attention_modules(model)
     refuse_inside_compress(model, "curdkv.compress(...)")
+    graphs = resolve_cuda_graph(cuda_graph, next(model.parameters()).device)
+    if graphs and cuda_graph and max_cache_tokens is not None:
+        raise ValueError("cuda_graph=True cannot be combined with max_cache_tokens (the cache changes at every step)")
     if max_cache_tokens is not None:
         if layout not in (None, "dense"):
             raise ValueError(f"layout must be 'dense' (or None) with max_cache_tokens, got {layout!r}")
@@ -263,11 +280,16 @@ def compress(
     else:
         hooks = _LayerByLayer(press, layout, modules, SideStream() if overlap and torch.cuda.is_available() else None)
     handles = []
+    generate = GraphGenerate(model, hooks) if graphs and max_cache_tokens is None else None
     try:
         with compressing(model), using_curdkv_attention(model), recording_queries(modules, hooks.recorder):
             handles = hooks.install(model)
+            if generate is not None:
+                generate.install()
             yield
     finally:
+        if generate is not None:
+            generate.remove()
         for h in handles:
             h.remove()
         hooks.close()
