@@ -90,13 +90,18 @@ if triton is not None:
         tl.store(Out + row * N + cols, (w * y).to(Out.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _rope_one(x, x_rot, c, s, w, w_rot, eps, D: tl.constexpr, HAS_NORM: tl.constexpr, DT: tl.constexpr):
-        # x_rot: x at the rotate_half partner index, already negated for the first half.
+    def _rope_head(base, W, c, s, eps, D: tl.constexpr, HAS_NORM: tl.constexpr):
+        # One head's vector at ``base``: its per-head RMSNorm (weights W) when HAS_NORM, then RoPE.
+        DT = base.dtype.element_ty
+        d = tl.arange(0, D)
+        partner = (d + D // 2) % D  # rotate_half: x_rot[i] = -x[i + D/2] (first half), x[i - D/2] (second)
+        x = tl.load(base + d)
+        x_rot = (tl.load(base + partner).to(tl.float32) * tl.where(d < D // 2, -1.0, 1.0)).to(DT)
         if HAS_NORM:
             hf = x.to(tl.float32)
             rstd = tl.math.rsqrt(tl.sum(hf * hf, 0) / D + eps)
-            x = (w * (hf * rstd).to(DT).to(tl.float32)).to(DT)
-            x_rot = (w_rot * (x_rot.to(tl.float32) * rstd).to(DT).to(tl.float32)).to(DT)
+            x = (tl.load(W + d).to(tl.float32) * (hf * rstd).to(DT).to(tl.float32)).to(DT)
+            x_rot = (tl.load(W + partner).to(tl.float32) * (x_rot.to(tl.float32) * rstd).to(DT).to(tl.float32)).to(DT)
         a = (x.to(tl.float32) * c).to(DT)
         b = (x_rot.to(tl.float32) * s).to(DT)
         return (a.to(tl.float32) + b.to(tl.float32)).to(DT)
@@ -108,34 +113,16 @@ if triton is not None:
         b = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         d = tl.arange(0, D)
-        partner = (d + D // 2) % D
-        sign = tl.where(d < D // 2, -1.0, 1.0)
         c = tl.load(Cos + b * D + d).to(tl.float32)
         s = tl.load(Sin + b * D + d).to(tl.float32)
-        DT = Q.dtype.element_ty
         if head < H:
             base = Q + (b * H + head) * D
-            x = tl.load(base + d)
-            x_rot = (tl.load(base + partner).to(tl.float32) * sign).to(DT)
-            w = 1.0
-            w_rot = 1.0
-            if HAS_NORM:
-                w = tl.load(QW + d).to(tl.float32)
-                w_rot = tl.load(QW + partner).to(tl.float32)
-            tl.store(base + d, _rope_one(x, x_rot, c, s, w, w_rot, eps, D, HAS_NORM, DT))
+            tl.store(base + d, _rope_head(base, QW, c, s, eps, D, HAS_NORM))
         else:
             j = head - H
-            base = K + (b * H_KV + j) * D
-            x = tl.load(base + d)
-            x_rot = (tl.load(base + partner).to(tl.float32) * sign).to(DT)
-            w = 1.0
-            w_rot = 1.0
-            if HAS_NORM:
-                w = tl.load(KW + d).to(tl.float32)
-                w_rot = tl.load(KW + partner).to(tl.float32)
             slot = tl.load(Index)
-            tl.store(TK + b * stride_tb + j * stride_th + slot * stride_tn + d,
-                     _rope_one(x, x_rot, c, s, w, w_rot, eps, D, HAS_NORM, DT))
+            rotated = _rope_head(K + (b * H_KV + j) * D, KW, c, s, eps, D, HAS_NORM)
+            tl.store(TK + b * stride_tb + j * stride_th + slot * stride_tn + d, rotated)
             tl.store(TV + b * stride_vb + j * stride_vh + slot * stride_vn + d, tl.load(V + (b * H_KV + j) * D + d))
 
     @triton.jit
