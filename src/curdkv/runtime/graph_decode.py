@@ -1,16 +1,18 @@
-"""Greedy decoding replayed as one CUDA graph per step.
+"""Decoding replayed as one CUDA graph per step.
 
-Decoding one token runs a few hundred small kernels (per layer: norms,
+Decoding one token runs over a thousand small kernels (per layer: norms,
 projections, RoPE, the cache write, attention, the MLP). Launched one by one
 from Python, the launches cost more than the kernels: on an H200 an 8B model
-decodes at 30-90 ms per token that way, where reading its weights and its
-kept cache takes 4-7 ms. A CUDA graph records the step's kernels once and
+decodes at 30-100 ms per token that way, where reading its weights and its
+kept cache takes 4-8 ms. A CUDA graph records the step's kernels once and
 replays them with one launch.
 
-What we capture is transformers' own forward over a
-:class:`~curdkv.cache.fixed.FixedCapacityCache`, with the greedy choice and
-the bookkeeping of the next step appended, so a replay needs nothing from
-the host:
+The captured step runs over a :class:`~curdkv.cache.fixed.FixedCapacityCache`
+and is either :class:`~curdkv.runtime.lean_step.LeanStep` (the model's own
+weights with the element-wise work fused, for the architectures it knows) or
+transformers' own forward (any other model). :class:`GraphDecoder` appends
+the greedy choice and the next step's bookkeeping, so a replay needs nothing
+from the host:
 
 - the input token and the positions are static buffers the step itself
   overwrites;
@@ -19,12 +21,10 @@ the host:
 - the chosen tokens go to a device buffer; a row whose token is an end
   token is marked inactive, so its attention reads nothing from then on.
 
-Capturing the model's own forward (rather than rewriting the forward of each
-architecture, as gpt-fast does, or compiling it with torch.compile) keeps
-every model that runs under curdkv's attention function on the same path,
-costs no compilation, and runs exactly the kernels an eager step runs: the
-tokens of a replay equal those of the eager step on the same cache, bit for
-bit.
+:class:`LogitsGraph` hands the logits back instead, for ``generate``
+(:mod:`curdkv.runtime.graph_generate`). A replay runs exactly the kernels of
+the same step run eagerly, so its tokens equal that step's, bit for bit; no
+compiler is involved (docs/design.md says why not torch.compile).
 
 The host never waits for the step it just launched: it reads the "all rows
 done" flag of the step :data:`LOOKAHEAD` launches back, through pinned
@@ -91,6 +91,7 @@ class StepGraph:
         self.position = torch.zeros(rows, 1, dtype=torch.int64, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.started = False
+        self.replays_expected = True  # capture only when a replay will follow the first step
         self.lean_step = None
         if lean is not False and _LEAN_CHECKED.get(model, True):
             reason = lean_step_unsupported(model)
@@ -149,7 +150,7 @@ class StepGraph:
             torch.cuda.current_stream().wait_stream(side)
         self.cache.state.host_filled += 1
         self.first_outputs()
-        if self.capture:
+        if self.capture and self.replays_expected:
             try:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
@@ -187,6 +188,7 @@ class GraphDecoder(StepGraph):
         super().__init__(model, cache, capture, lean)
         rows = cache.batch_size
         self.stop, self.steps = stop, steps
+        self.replays_expected = steps > 1
         self.input_ids.copy_(token.reshape(rows, 1))
         self.position.copy_(position.reshape(rows, 1))
         self.done = torch.isin(token.reshape(rows), stop)
