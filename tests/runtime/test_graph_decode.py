@@ -253,7 +253,8 @@ class _EagerLogitsGraph(graph_generate.LogitsGraph):
 
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen3"])
 @pytest.mark.parametrize("press", [curdkv.CurDKVPress(0.5, num_sinks=2), curdkv.AdaCurDKVPress(0.6, num_sinks=2),
-                                   curdkv.SnapKVPress(0.7, window_size=4)], ids=lambda p: p.name)
+                                   curdkv.SnapKVPress(0.7, window_size=4), curdkv.LAVaPress(0.5),
+                                   curdkv.LookaheadQCachePress(0.5, lookahead_tokens=3)], ids=lambda p: p.name)
 def test_generate_under_compress_decodes_through_the_step_graph(arch, press, monkeypatch):
     """generate's decode steps go through the logits graph (growing its capacity twice) and give the same tokens."""
     model = tiny_model(arch)

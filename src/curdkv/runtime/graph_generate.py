@@ -54,6 +54,8 @@ class GraphGenerate:
         self.sessions.clear()
 
     def _decodes(self, cache, input_ids, kwargs) -> bool:
+        if self.hooks.depth != 1:
+            return False  # a forward nested in a hooked one (lookahead decoding) is curdkv's own
         if cache is None or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] != 1:
             return False
         if any(kwargs.get(name) not in (None, False) for name in _EXTRA_OUTPUTS) or not cache.layers:
