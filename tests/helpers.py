@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
+from conftest import tiny_model
 
 from curdkv.attention.function import using_curdkv_attention
 from curdkv.presses import ScoringView
@@ -110,3 +112,17 @@ def greedy(model, ids: torch.Tensor, cache, steps: int) -> list[list[int]]:
             ].argmax(-1)
             tokens.append(token.tolist())
     return tokens
+
+
+def attention_module(arch: str):
+    return tiny_model(arch).model.layers[0].self_attn
+
+
+def rotate(pre: torch.Tensor, arch: str) -> torch.Tensor:
+    """Post-RoPE keys from pre-RoPE ``[B, H, N, D]`` by the model's own rotary embedding and rotation."""
+    model = tiny_model(arch)
+    module = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    positions = torch.arange(pre.shape[2])[None].expand(pre.shape[0], -1)
+    cos, sin = model.model.rotary_emb(pre, positions)
+    _, post = module.apply_rotary_pos_emb(pre, pre, cos, sin)
+    return post

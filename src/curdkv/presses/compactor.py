@@ -7,16 +7,15 @@ a tolerance) is in :mod:`curdkv.presses.calibration`.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ..kernels.leverage import whitening
 from .base import ALL_QUERIES, Press, ScoringView, check_choice, check_float, check_int
 from .calibration import CalibrationCurve, calibrated_ratio
+from .rope import unrotate
 
 NORMALIZATIONS = ("head", "layer")
 LOGIT_SCALES = ("unscaled", "model")
@@ -31,86 +30,6 @@ ATTENTION_BLOCK_ELEMENTS = 1 << 26
 # A z-score divides by max(std, this * max|score|): a head whose scores differ only by
 # float rounding (constant keys) gets z-scores near 0, not amplified rounding noise.
 ZSCORE_RELATIVE_FLOOR = 1e-6
-
-
-# --------------------------------------------------------------------------- RoPE
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _standard_rope_init(config) -> tuple[torch.Tensor, float]:
-    base = config.rope_parameters["rope_theta"]
-    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
-
-
-def _default_rope_init(module):
-    """The model family's own default-RoPE function (``*RotaryEmbedding.compute_default_rope_parameters``).
-
-    transformers 5 keeps the plain RoPE out of ``ROPE_INIT_FUNCTIONS``; each
-    modelling file defines it on its rotary class, so it is looked up there.
-    """
-    family = sys.modules.get(type(module).__module__)
-    for obj in vars(family).values() if family is not None else ():
-        if isinstance(obj, type) and callable(getattr(obj, "compute_default_rope_parameters", None)):
-            return obj.compute_default_rope_parameters
-    return _standard_rope_init
-
-
-def rope_frequencies(module, seq_len: int, device=None) -> tuple[torch.Tensor, float]:
-    """The inverse frequencies ``[D / 2]`` (float32) and the cos/sin factor of ``module``'s RoPE.
-
-    Computed from ``module.config.rope_parameters`` with transformers' own
-    initialisation functions, as the model's rotary embedding does at a first
-    prefill of ``seq_len`` tokens (dynamic NTK scaling depends on it).
-    """
-    if module is None:
-        raise ValueError("undoing RoPE needs the attention module (ScoringView.module), got None")
-    config = getattr(module, "config", None)
-    if config is None:
-        raise ValueError(f"undoing RoPE needs the attention module's config; {type(module).__name__} has no .config")
-    params = getattr(config, "rope_parameters", None)
-    if not isinstance(params, dict) or "rope_theta" not in params:
-        raise ValueError(
-            f"undoing RoPE needs config.rope_parameters with a rope_theta (one RoPE for every layer); "
-            f"{type(config).__name__} has rope_parameters={params!r}"
-        )
-    rope_type = params.get("rope_type", "default")
-    if rope_type == "default":
-        inv_freq, scaling = _default_rope_init(module)(config)
-    elif rope_type in ROPE_INIT_FUNCTIONS:
-        extra = {"seq_len": seq_len} if rope_type == "dynamic" else {}
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device, **extra)
-    else:
-        raise ValueError(f"rope_type must be one of {sorted(['default', *ROPE_INIT_FUNCTIONS])}, got {rope_type!r}")
-    return inv_freq.to(device=device, dtype=torch.float32), float(scaling)
-
-
-def unrotate_keys(keys: torch.Tensor, module, start: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Pre-RoPE keys, float32 ``[B, H_kv, N, D]``, from post-RoPE ``keys`` of the same shape.
-
-    The model caches ``a (k cos + rotate_half(k) sin)`` with ``a`` the RoPE's
-    attention factor (1 except YaRN/LongRoPE); the inverse rotation divides by
-    ``a``. Positions are ``start .. start + N - 1``, or ``positions``
-    (``[B, H_kv, N]``) when given. For Qwen3 the result is the key after
-    ``k_norm``, the input of RoPE.
-    """
-    n, d = keys.shape[-2], keys.shape[-1]
-    inv_freq, scaling = rope_frequencies(module, start + n, keys.device)
-    if 2 * inv_freq.numel() != d:
-        raise ValueError(
-            f"partial rotary embeddings are not supported: RoPE rotates {2 * inv_freq.numel()} of {d} head dims"
-        )
-    if positions is None:
-        positions = torch.arange(start, start + n, device=keys.device)
-    # Angles in float32 as the model computes them, so large positions round the same way.
-    freqs = positions.to(keys.device).float()[..., None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    k = keys.float()
-    return (k * emb.cos() - _rotate_half(k) * emb.sin()) / scaling
 
 
 # --------------------------------------------------------------------------- the two scores
@@ -223,7 +142,7 @@ class CompactorPress(Press):
       Cholesky solve (:func:`approximate_leverage`). Keys that point in rare
       directions (outliers of the key space) score high however little they
       are attended. Pre-RoPE keys come from the cached keys by undoing the
-      model's RoPE (:func:`unrotate_keys`).
+      model's RoPE (:func:`curdkv.presses.rope.unrotate`).
     - ``a``, non-causal chunked attention: the context is cut into chunks of
       ``chunk_size`` tokens; inside a chunk every query attends to every key
       (no causal mask) and a key scores the attention its chunk's queries give
@@ -365,7 +284,7 @@ class CompactorPress(Press):
 
     def leverage(self, view: ScoringView, start: int, stop: int) -> torch.Tensor:
         """Approximate leverage of the pre-RoPE keys of tokens ``start .. stop - 1``, ``[B, H_kv, stop - start]``."""
-        keys = unrotate_keys(view.keys[:, :, start:stop], view.module, start=start)
+        keys = unrotate(view.keys[:, :, start:stop], view.module, start=start)
         return approximate_leverage(keys, self.sketch(keys.shape[-1], keys.device))
 
     def attention(self, view: ScoringView, start: int, stop: int) -> torch.Tensor:
