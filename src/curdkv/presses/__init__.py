@@ -9,7 +9,9 @@ from .base import Press, ScoringView, WrapperPress
 from .chunkkv import ChunkKVPress
 from .compactor import CompactorPress
 from .curdkv import CurDKVPress
+from .expected_attention import ExpectedAttentionPress
 from .h2o import H2OPress
+from .keydiff import KeyDiffPress
 from .knorm import KNormPress
 from .lava import LAVaPress
 from .lookahead_qcache import LookaheadQCachePress
@@ -41,6 +43,9 @@ PRESSES: dict[str, Callable[..., Press]] = {
     "h2o": H2OPress,
     "compactor": CompactorPress,
     "adacompactor": lambda alpha=0.2, **kw: AdaKVPress(CompactorPress(**kw), alpha),
+    "expectedattention": ExpectedAttentionPress,
+    "adaexpectedattention": lambda alpha=0.2, **kw: AdaKVPress(ExpectedAttentionPress(**kw), alpha),
+    "keydiff": KeyDiffPress,
 }
 
 
@@ -133,6 +138,8 @@ __all__ = [
     "OBCachePress",
     "H2OPress",
     "CompactorPress",
+    "ExpectedAttentionPress",
+    "KeyDiffPress",
     "PRESSES",
     "get_press",
     "parse_press_spec",
