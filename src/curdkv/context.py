@@ -17,26 +17,13 @@ from .attention.function import using_curdkv_attention
 from .cache.dense import CompressedCache
 from .cache.fixed import FixedCapacityCache
 from .cache.stack import stack_contexts
+from .models import chat_parts
 from .presses.base import Press, check_press
 from .runtime.capture import PrefillCapture, capture_ids
 from .runtime.graph_decode import GraphDecoder, answer_on_graph, decodable_on_graph, resolve_cuda_graph
 from .runtime.hooks import compress
 from .runtime.model import attention_modules, refuse_inside_compress
 from .transformers_compat import forward_with_cache
-
-_MARKER = "\x00curdkv-content\x00"
-
-
-def chat_parts(tokenizer) -> tuple[str, str]:
-    """Text before and after a user message in the tokenizer's chat template ('' and '' without one)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return "", ""
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": _MARKER}], tokenize=False, add_generation_prompt=True
-    )
-    prefix, suffix = text.split(_MARKER)
-    return prefix, suffix
-
 
 def encode_context(tokenizer, context: str, device=None) -> torch.Tensor:
     """Token ids ``[1, N]`` of the chat prefix followed by ``context``."""
@@ -279,7 +266,7 @@ def prefill(
         with using_curdkv_attention(model):
             forward_with_cache(model, cache, input_ids=ids, use_cache=True, logits_to_keep=1)
     else:
-        with compress(model, press, layout):
+        with compress(model, press, layout, tokenizer=tokenizer):
             forward_with_cache(model, cache, input_ids=ids, use_cache=True, logits_to_keep=1)
     return CompressedContext(model, tokenizer, cache, ids.shape[1], press)
 
@@ -300,7 +287,7 @@ def capture_prefill(model, context, tokenizer=None, *, query_window: int = 64) -
         if tokenizer is None:
             raise ValueError("tokenizer is required when context is text (or pass token ids [batch, seq_len])")
         context = encode_context(tokenizer, context, next(model.parameters()).device)
-    return capture_ids(model, context, query_window)
+    return capture_ids(model, context, query_window, tokenizer)
 
 
 def prefill_capture(model, tokenizer, context: str, query_window: int = 64) -> PrefillCapture:

@@ -259,3 +259,17 @@ def _spread(model):
     no_split = list(getattr(model, "_no_split_modules", None) or [])
     device_map = infer_auto_device_map(model, no_split_module_classes=no_split, dtype=next(model.parameters()).dtype)
     return dispatch_model(model, device_map=device_map)
+
+
+_MARKER = "\x00curdkv-content\x00"
+
+
+def chat_parts(tokenizer) -> tuple[str, str]:
+    """Text before and after a user message in the tokenizer's chat template ('' and '' without one)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return "", ""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _MARKER}], tokenize=False, add_generation_prompt=True
+    )
+    prefix, suffix = text.split(_MARKER)
+    return prefix, suffix

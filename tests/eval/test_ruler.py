@@ -54,7 +54,7 @@ def ruler_constants():
 
 def prompt_tokens(tok, s: EvalSample) -> int:
     """What the module says it counts: chat prefix, context + question, chat suffix, answer prefix."""
-    from curdkv.context import chat_parts
+    from curdkv.models import chat_parts
 
     head, tail = chat_parts(tok)
     text = head + s.context + s.question + tail + s.answer_prefix

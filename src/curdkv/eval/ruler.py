@@ -99,7 +99,7 @@ def _check_task(task) -> str:
 # ---------------------------------------------------------------- token counting
 
 def _counters(tokenizer) -> tuple[Callable[[Prompt], int], Callable[[str], int]]:
-    from ..context import chat_parts  # the runtime's own split of the chat template
+    from ..models import chat_parts  # the runtime's own split of the chat template
 
     head, tail = chat_parts(tokenizer)
 

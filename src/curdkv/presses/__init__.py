@@ -13,6 +13,7 @@ from .expected_attention import ExpectedAttentionPress
 from .h2o import H2OPress
 from .keydiff import KeyDiffPress
 from .knorm import KNormPress
+from .kvzip import KVzipPress
 from .lava import LAVaPress
 from .lookahead_qcache import LookaheadQCachePress
 from .morphkv import MorphKVPress
@@ -46,6 +47,8 @@ PRESSES: dict[str, Callable[..., Press]] = {
     "expectedattention": ExpectedAttentionPress,
     "adaexpectedattention": lambda alpha=0.2, **kw: AdaKVPress(ExpectedAttentionPress(**kw), alpha),
     "keydiff": KeyDiffPress,
+    "kvzip": KVzipPress,
+    "kvzip-layerwise": lambda **kw: KVzipPress(layerwise=True, **kw),
 }
 
 
@@ -140,6 +143,7 @@ __all__ = [
     "CompactorPress",
     "ExpectedAttentionPress",
     "KeyDiffPress",
+    "KVzipPress",
     "PRESSES",
     "get_press",
     "parse_press_spec",

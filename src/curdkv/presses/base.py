@@ -31,6 +31,9 @@ class ScoringView:
     positions: ``[B, H_kv, N]`` RoPE positions of the cached tokens, or
         ``None`` when they are ``0 .. N-1`` (a first prefill). Compression during
         decoding scores caches whose earlier tokens were already evicted.
+    reconstruction: ``[B, H_kv, N]`` what the press's :meth:`Press.chunk_scores`
+        gave while the model reconstructed the context, for presses with
+        ``reconstructs_context`` (KVzip); else ``None``.
     """
 
     keys: torch.Tensor
@@ -40,6 +43,7 @@ class ScoringView:
     layer_idx: int
     positions: torch.Tensor | None = None
     pseudo_queries: torch.Tensor | None = None
+    reconstruction: torch.Tensor | None = None
 
     @property
     def seq_len(self) -> int:
@@ -142,6 +146,11 @@ class Press:
     # full cache until the prefill ends, so their peak memory is the full cache's.
     needs_full_prefill = False
 
+    # Set by presses scored while the model reconstructs the context from a prompt (KVzip):
+    # the runtime runs those passes (:mod:`curdkv.runtime.reconstruction`) and hands the press's
+    # chunk scores over as ``ScoringView.reconstruction``.
+    reconstructs_context = False
+
     @property
     def lookahead_tokens(self) -> int:
         """Pseudo queries the press wants after its window (Lookahead Q-Cache); 0: none."""
@@ -209,7 +218,8 @@ class Press:
 # What the runtime reads of a press besides its scores: a wrapper hands each on from the press it wraps,
 # unless it declares the trait its own (WrapperPress.own_traits).
 TRAITS = ("protected_sinks", "protected_recent", "query_window", "needs_full_prefill", "lookahead_tokens",
-          "scores_depend_on_ratio", "calibrates", "scores_comparable_across_heads", "head_adaptive", "alpha")
+          "scores_depend_on_ratio", "calibrates", "scores_comparable_across_heads", "head_adaptive", "alpha",
+          "reconstructs_context")
 
 
 class WrapperPress(Press):

@@ -25,6 +25,7 @@ from .lookahead import pseudo_queries
 from .model import attention_modules, refuse_inside_compress
 from .nll import context_nll
 from .overlap import first_problem
+from .reconstruction import reconstruction_scores
 
 
 class PrefillCapture:
@@ -33,15 +34,18 @@ class PrefillCapture:
     ``keys[l]``/``values[l]``: ``[B, H_kv, N, D]``; ``queries[l]``: ``[B, H, W, D]``.
     ``model`` and ``next_token`` (``[B]``, the greedy token after the context)
     are what presses with lookahead tokens decode from, ``model`` and
-    ``input_ids`` what :attr:`context_nll` is measured with; ``None`` when not kept.
+    ``input_ids`` what :attr:`context_nll` is measured with, and with the
+    ``tokenizer`` what a press that reconstructs the context (KVzip) runs;
+    ``None`` when not kept.
     """
 
     def __init__(self, keys, values, queries, modules, seq_len: int, *, model=None, next_token=None,
-                 input_ids=None):
+                 input_ids=None, tokenizer=None):
         self.keys, self.values, self.queries = keys, values, queries
         self.modules = modules
         self.seq_len = seq_len
         self.model, self.next_token, self.input_ids = model, next_token, input_ids
+        self.tokenizer = tokenizer
         # Scores of presses whose scores do not depend on the ratio, per (press at ratio 0, layer):
         # a sweep over ratios scores each press once.
         self._scores: dict[tuple[str, int], torch.Tensor] = {}
@@ -124,11 +128,11 @@ class PrefillCapture:
             return [self._scores[(key, i)] for i in range(self.num_layers)]
         pseudo = [None] * self.num_layers
         if press.lookahead_tokens:
-
             pseudo = pseudo_queries(self, press)
+        rebuilt = reconstruction_scores(self, press) if press.reconstructs_context else [None] * self.num_layers
         out = [
-            layer_scores(press, k, v, q, m, i, pseudo_queries=p)
-            for i, (k, v, q, m, p) in enumerate(zip(self.keys, self.values, queries, self.modules, pseudo))
+            layer_scores(press, k, v, q, m, i, pseudo_queries=p, reconstruction=r)
+            for i, (k, v, q, m, p, r) in enumerate(zip(self.keys, self.values, queries, self.modules, pseudo, rebuilt))
         ]
         if key is not None:
             self._scores.update({(key, i): s for i, s in enumerate(out)})
@@ -136,7 +140,7 @@ class PrefillCapture:
 
 
 @torch.no_grad()
-def capture_ids(model, input_ids: torch.Tensor, query_window: int = 64) -> PrefillCapture:
+def capture_ids(model, input_ids: torch.Tensor, query_window: int = 64, tokenizer=None) -> PrefillCapture:
     """Run one full prefill of ``input_ids`` ``[B, N]`` and keep what presses read
     (:func:`curdkv.capture_prefill` is the public entry point, which also takes text)."""
     modules = attention_modules(model)
@@ -160,4 +164,4 @@ def capture_ids(model, input_ids: torch.Tensor, query_window: int = 64) -> Prefi
     queries = [recorder.queries.get(i) for i in range(len(modules))]
     next_token = out.logits[:, -1].argmax(-1)
     return PrefillCapture(keys, values, queries, modules, input_ids.shape[1], model=model, next_token=next_token,
-                          input_ids=input_ids)
+                          input_ids=input_ids, tokenizer=tokenizer)

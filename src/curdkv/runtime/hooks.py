@@ -174,8 +174,9 @@ class _WholePrefill(_Hooks):
 
     per_layer = False
 
-    def __init__(self, press: Press, layout, modules):
+    def __init__(self, press: Press, layout, modules, tokenizer=None):
         super().__init__(press, layout, modules, QueryRecorder(press.query_window))
+        self.tokenizer = tokenizer
 
     def finish(self, model, args, kwargs, output) -> None:
         first = self.due()
@@ -189,7 +190,7 @@ class _WholePrefill(_Hooks):
             keys=[layer.keys for layer in layers], values=[layer.values for layer in layers],
             queries=[self.recorder.pop(i) for i in range(len(self.modules))], modules=self.modules, seq_len=n,
             model=model, next_token=output.logits[:, -1].argmax(-1),
-            input_ids=ids if isinstance(ids, torch.Tensor) else None,
+            input_ids=ids if isinstance(ids, torch.Tensor) else None, tokenizer=self.tokenizer,
         )
         for i, layer in enumerate(capture.build_cache(self.press, self.layout).layers):
             cache.layers[i] = layer
@@ -224,7 +225,7 @@ class _DecodeBudget(_Hooks):
 @contextlib.contextmanager
 def compress(
     model, press: Press, layout: str | None = None, max_cache_tokens: int | None = None, overlap: bool = True,
-    cuda_graph: bool | None = None,
+    cuda_graph: bool | None = None, tokenizer=None,
 ):
     """Compress the KV cache of every prefill run inside the block.
 
@@ -257,6 +258,9 @@ def compress(
     CUDA graph (:mod:`curdkv.runtime.graph_generate`); ``False`` runs every
     step through the model's forward. Not with ``max_cache_tokens``, whose
     evictions change the cache at every step.
+
+    ``tokenizer``: what a press that reconstructs the context (KVzip) encodes
+    its prompt with; other presses ignore it.
     """
     check_press(press)
     if layout is not None:
@@ -265,6 +269,9 @@ def compress(
         raise ValueError(f"overlap must be True or False, got {overlap!r}")
     modules = attention_modules(model)
     refuse_inside_compress(model, "curdkv.compress(...)")
+    if press.reconstructs_context and tokenizer is None:
+        raise ValueError(f"{type(press).__name__} asks the model to repeat the context, which needs the tokenizer: "
+                         "curdkv.compress(model, press, tokenizer=tokenizer)")
     graphs = resolve_cuda_graph(cuda_graph, next(model.parameters()).device)
     if graphs and cuda_graph and max_cache_tokens is not None:
         raise ValueError("cuda_graph=True cannot be combined with max_cache_tokens (the cache changes at every step)")
@@ -276,7 +283,7 @@ def compress(
         yield
         return
     elif press.compresses_after_prefill:
-        hooks = _WholePrefill(press, layout, modules)
+        hooks = _WholePrefill(press, layout, modules, tokenizer)
     else:
         hooks = _LayerByLayer(press, layout, modules, SideStream() if overlap and torch.cuda.is_available() else None)
     handles = []

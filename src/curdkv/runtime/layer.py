@@ -23,11 +23,12 @@ LAYOUTS = ("dense", "ragged", "masked")
 
 
 def layer_scores(
-    press: Press, keys, values, queries, module, layer_idx: int, positions=None, pseudo_queries=None
+    press: Press, keys, values, queries, module, layer_idx: int, positions=None, pseudo_queries=None,
+    reconstruction=None,
 ) -> torch.Tensor:
     """The press's scores ``[B, H_kv, N]`` for one layer, shape-checked."""
     view = ScoringView(keys=keys, values=values, queries=queries, module=module, layer_idx=layer_idx,
-                       positions=positions, pseudo_queries=pseudo_queries)
+                       positions=positions, pseudo_queries=pseudo_queries, reconstruction=reconstruction)
     scores = press.score(view)
     if tuple(scores.shape) != tuple(keys.shape[:3]):
         raise ValueError(
