@@ -381,3 +381,22 @@ def test_pending_interleaves_tasks_so_partial_runs_cover_every_task(tiny, tokeni
     sweep = Sweep(tiny, tokenizer, "tiny", CONFIGS[:2], tmp_path, _score)
     order = [(s.task, s.index) for s, _ in sweep.pending(samples)]
     assert order == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("b", 1), ("c", 1), ("a", 2), ("b", 2), ("c", 2)]
+
+
+def test_prefill_costs_take_each_samples_most_expensive_build():
+    from curdkv.eval.results import prefill_costs
+
+    def record(press, index, ratio, prefill, compression):
+        return {"press": press, "model": "m", "task": "t", "length": 10, "index": index, "compression_ratio": ratio,
+                "prefill_seconds": prefill, "compression_seconds": compression}
+
+    records = [record("full", 0, 0.0, 2.0, 0.0),
+               record("kvzip", 0, 0.5, 2.0, 4.0), record("kvzip", 0, 0.9, 2.0, 0.1),  # 3x, the scoring build
+               record("kvzip", 1, 0.5, 1.0, 1.0), record("kvzip", 1, 0.9, 1.0, 0.1),  # 2x
+               record("kvzip", 2, 0.5, 1.0, 3.0),  # 4x
+               record("knorm", 0, 0.5, 2.0, 0.02), {"press": "knorm", "model": "m", "task": "t", "length": 10,
+                                                    "index": 1, "compression_ratio": 0.5}]  # an old, untimed record
+    costs = {c["press"]: c for c in prefill_costs(records)}
+    assert costs["kvzip"] == {"press": "kvzip", "prefill_cost": 3.0, "samples": 3}
+    assert costs["knorm"]["prefill_cost"] == pytest.approx(1.01) and costs["knorm"]["samples"] == 1
+    assert "full" not in costs

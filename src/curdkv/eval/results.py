@@ -175,6 +175,26 @@ def plot_average_vs_ratio(rows: list[dict], path, tasks: list[str] | None = None
     plt.close(fig)
 
 
+def prefill_costs(records: list[dict]) -> list[dict]:
+    """Per press: the median over samples of (prefill + compression) / prefill, a multiple of the prefill.
+
+    A sample's compression is its press's most expensive build over the ratios
+    run (the one that scored; the others reuse its scores), so the figure is
+    what compressing one context at one ratio costs. Records without timings
+    (runs made before they were recorded) are left out.
+    """
+    per_sample: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        if r["press"] != "full" and "prefill_seconds" in r:
+            per_sample[(r["press"], r["model"], r["task"], r["length"], r["index"])].append(r)
+    ratios: dict[str, list[float]] = defaultdict(list)
+    for (press, *_), rs in per_sample.items():
+        prefill = rs[0]["prefill_seconds"]
+        if prefill > 0:
+            ratios[press].append((prefill + max(r["compression_seconds"] for r in rs)) / prefill)
+    return [{"press": p, "prefill_cost": sorted(v)[len(v) // 2], "samples": len(v)} for p, v in ratios.items()]
+
+
 def write_outputs(records: list[dict], out_dir, averages: dict[str, list[str]] | None = None, title: str = "") -> list[dict]:
     """summary.csv, results.md and average_vs_ratio.png in ``out_dir``; returns the summary rows."""
     out_dir = Path(out_dir)
@@ -183,6 +203,10 @@ def write_outputs(records: list[dict], out_dir, averages: dict[str, list[str]] |
     write_summary_csv(rows, out_dir / "summary.csv")
     text = [f"# {title}".rstrip(), "", "Scores (0-100).", "", results_table(rows, averages)]
     text += ["", "## Fidelity: % of answers identical to the full cache's", "", results_table(rows, averages, "fidelity")]
+    costs = prefill_costs(records)
+    if costs:
+        text += ["", "## Prefill cost: (prefill + compression) / prefill, median over samples", "",
+                 markdown_table(costs, [("press", "press"), ("prefill_cost", "× prefill"), ("samples", "samples")])]
     (out_dir / "results.md").write_text("\n".join(text) + "\n")
     plot_tasks = None
     if averages:

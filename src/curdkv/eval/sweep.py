@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -201,18 +202,20 @@ class Sweep:
 
     @torch.no_grad()
     def answer(self, sample: EvalSample, configs: list[Config]) -> list[dict]:
-        capture = capture_prefill(self.model, sample.context, self.tokenizer, query_window=self.query_window)
+        prefill_seconds, capture = _timed(lambda: capture_prefill(self.model, sample.context, self.tokenizer,
+                                                                  query_window=self.query_window))
         records = []
         for start in range(0, len(configs), self.batch_size):
             chunk = configs[start : start + self.batch_size]
             presses = [c.build_for(capture) if c.tolerance is not None else self.presses[c] for c in chunk]
-            caches = [capture.build_cache(p) for p in presses]
+            timed = [_timed(lambda p=p: capture.build_cache(p)) for p in presses]
+            caches = [cache for _, cache in timed]
             cache = caches[0] if len(caches) == 1 else stack_caches(caches, capture.seq_len)
             predictions = answer_greedily(
                 self.model, self.tokenizer, cache, capture.seq_len, sample.question, sample.max_new_tokens,
                 sample.answer_prefix, separator="",
             )
-            for config, press, c, prediction in zip(chunk, presses, caches, predictions):
+            for config, press, (seconds, c), prediction in zip(chunk, presses, timed, predictions):
                 records.append(
                     {
                         "model": self.model_name,
@@ -226,11 +229,25 @@ class Sweep:
                         "score": float(self.scorer(sample, prediction)),
                         "context_tokens": capture.seq_len,
                         "kv_bytes": c.nbytes(),
+                        # The captured prefill, and building this configuration's cache from it (scoring
+                        # included for the first ratio of a press; later ratios reuse its scores).
+                        "prefill_seconds": prefill_seconds,
+                        "compression_seconds": seconds,
                         **({} if config.tolerance is None else {"calibration_tolerance": config.tolerance}),
                     }
                 )
-            del caches, cache
+            del caches, cache, timed
         return records
+
+
+def _timed(fn):
+    """``(seconds, fn())``, the GPU's queue drained at both ends so its work is counted."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - start, out
 
 
 def _last_byte(path: Path) -> bytes:
