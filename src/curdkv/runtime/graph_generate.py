@@ -41,7 +41,7 @@ class GraphGenerate:
 
     def __init__(self, model, hooks, capture: bool = True):
         self.model, self.hooks, self.capture = model, hooks, capture
-        self.sessions: dict[int, tuple[FixedCapacityCache, LogitsGraph]] = {}  # id(cache) -> its graph
+        self.graphs: dict[int, tuple[FixedCapacityCache, LogitsGraph]] = {}  # id(cache) -> its graph
         self.original = None
 
     def install(self) -> None:
@@ -51,7 +51,7 @@ class GraphGenerate:
     def remove(self) -> None:
         if self.model.__dict__.get("forward") == self.forward:
             del self.model.__dict__["forward"]
-        self.sessions.clear()
+        self.graphs.clear()
 
     def _decodes(self, cache, input_ids, kwargs) -> bool:
         if self.hooks.depth != 1:
@@ -60,13 +60,13 @@ class GraphGenerate:
             return False
         if any(kwargs.get(name) not in (None, False) for name in _EXTRA_OUTPUTS) or not cache.layers:
             return False
-        known = self.sessions.get(id(cache))
+        known = self.graphs.get(id(cache))
         if known is not None and cache.layers[0] is known[0].layers[0]:
             return True
         return all(type(layer) in (CompressedLayer, RaggedLayer) for layer in cache.layers)
 
     def _graph(self, cache) -> LogitsGraph:
-        known = self.sessions.get(id(cache))
+        known = self.graphs.get(id(cache))
         if known is not None and cache.layers[0] is known[0].layers[0]:
             fixed, graph = known
             if fixed.state.host_filled < fixed.state.capacity:
@@ -76,7 +76,7 @@ class GraphGenerate:
             fixed = FixedCapacityCache.from_cache(cache, FIRST_CAPACITY)
         cache.layers[:] = fixed.layers  # the caller's cache decodes in place from now on
         graph = LogitsGraph(self.model, fixed, self.capture)
-        self.sessions[id(cache)] = (fixed, graph)
+        self.graphs[id(cache)] = (fixed, graph)
         return graph
 
     def forward(self, *args, **kwargs):
