@@ -513,3 +513,15 @@ def test_press_calibrates_from_a_capture_on_a_tiny_model():
         press.calibrated_ratio(None, 0.05)
     with pytest.raises(ValueError, match="fitted curve"):
         CompactorPress(0.0).calibrated_ratio(nll, 0.05)
+
+
+def test_blending_none_weighs_leverage_by_the_compression_ratio():
+    """kvpress's blend: the leverage weight is the compression ratio, so scores change with it (no reuse)."""
+    gen = torch.Generator().manual_seed(9)
+    view = ScoringView(keys=rotate(torch.randn(1, 2, 80, 16, generator=gen), "tiny-llama"),
+                       values=torch.randn(1, 2, 80, 16, generator=gen), queries=torch.randn(1, 4, 80, 16, generator=gen),
+                       module=attention_module("tiny-llama"), layer_idx=0)
+    by_ratio = CompactorPress(0.7, blending=None)
+    assert torch.equal(by_ratio.score(view), CompactorPress(0.7, blending=0.7).score(view))
+    assert not torch.equal(by_ratio.score(view), CompactorPress(0.3, blending=None).score(view))
+    assert by_ratio.scores_depend_on_ratio and not CompactorPress(0.7).scores_depend_on_ratio

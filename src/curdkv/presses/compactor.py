@@ -183,7 +183,8 @@ class CompactorPress(Press):
        both of the authors' codes z-score over all heads of a layer at once,
        which ``normalization="layer"`` reproduces.
     6. The blend weight defaults to the paper's 0.3; kvpress uses
-       ``blending = compression_ratio`` and compactor-vllm 0.5.
+       ``blending = compression_ratio`` (``blending=None`` here) and
+       compactor-vllm 0.5.
     7. One sketch, drawn from ``seed``, serves every head and layer (as in
        compactor-vllm; kvpress draws a fresh, unseeded one per call), so
        scores repeat exactly.
@@ -209,7 +210,7 @@ class CompactorPress(Press):
 
     sketch_dim: int = 48
     chunk_size: int = 256
-    blending: float = 0.3
+    blending: float | None = 0.3
     num_sinks: int = 8
     num_recent: int = 4
     value_weighting: bool = True
@@ -226,8 +227,9 @@ class CompactorPress(Press):
         super().__post_init__()
         check_int("sketch_dim", self.sketch_dim, 1)
         check_int("chunk_size", self.chunk_size, 1)
-        check_float("blending", self.blending, 0.0)
-        self.blending = float(self.blending)
+        check_float("blending", self.blending, 0.0, allow_none=True)
+        if self.blending is not None:
+            self.blending = float(self.blending)
         check_int("num_sinks", self.num_sinks, 0)
         check_int("num_recent", self.num_recent, 0)
         _check_bool("value_weighting", self.value_weighting)
@@ -257,6 +259,15 @@ class CompactorPress(Press):
     @property
     def query_window(self) -> int:
         return ALL_QUERIES
+
+    @property
+    def scores_depend_on_ratio(self) -> bool:
+        return self.blending is None  # the blend weight is then the compression ratio
+
+    @property
+    def blend_weight(self) -> float:
+        """The weight of the leverage z-scores: ``blending``, or the compression ratio when it is ``None``."""
+        return self.compression_ratio if self.blending is None else self.blending
 
     def sketch(self, head_dim: int, device) -> torch.Tensor:
         """The Gaussian sketch ``Φ`` ``[head_dim, sketch_dim]``, entries ``N(0, 1/sketch_dim)``, from ``seed``."""
@@ -310,7 +321,7 @@ class CompactorPress(Press):
         out = torch.zeros(view.keys.shape[:3], dtype=torch.float32, device=view.keys.device)
         if stop == start:
             return out  # every token is protected
-        blended = zscore(self.attention(view, start, stop), self.normalization) + self.blending * zscore(
+        blended = zscore(self.attention(view, start, stop), self.normalization) + self.blend_weight * zscore(
             self.leverage(view, start, stop), self.normalization
         )
         out[..., start:stop] = blended
