@@ -188,6 +188,19 @@ def ask_many(requests, max_new_tokens: int = 32, answer_prefix: str | None = Non
     stays in the batch but its attention reads nothing.
     """
     check_max_new_tokens(max_new_tokens)
+    cache, token, position = fold_questions(requests, answer_prefix)
+    return decode_rows(requests[0][0].model, requests[0][0].tokenizer, cache, token, position, max_new_tokens,
+                       cuda_graph)
+
+
+@torch.no_grad()
+def fold_questions(requests, answer_prefix: str | None = None):
+    """:func:`ask_many`'s first half: each question prefilled on its own context, the rows stacked.
+
+    Returns the ragged cache (one row per request, the question folded into
+    its context), each row's first answer token ``[R]`` and the position of
+    that token ``[R]``. The contexts' caches are left as they were.
+    """
     requests = list(requests)
     if not requests:
         raise ValueError("requests must hold at least one (context, question) pair")
@@ -198,7 +211,6 @@ def ask_many(requests, max_new_tokens: int = 32, answer_prefix: str | None = Non
     if any(item[0].model is not model for item in requests):
         raise ValueError("every context of ask_many must come from the same model")
     device = next(model.parameters()).device
-    stop = torch.tensor(sorted(_stop_ids(model, tokenizer)) or [-1], device=device)
     prefilled, first_tokens, positions = [], [], []
     with using_curdkv_attention(model):
         for ctx, question, *own_prefix in requests:
@@ -213,17 +225,24 @@ def ask_many(requests, max_new_tokens: int = 32, answer_prefix: str | None = Non
                 ctx.cache.restore(snapshot)
             first_tokens.append(out.logits[:, -1].argmax(-1))
             positions.append(ctx.context_length + ids.shape[1])
-        cache = stack_contexts(prefilled)
-        token = torch.cat(first_tokens)
-        position = torch.tensor(positions, device=device)
-        stop_set = set(stop.tolist())
+    return stack_contexts(prefilled), torch.cat(first_tokens), torch.tensor(positions, device=device)
+
+
+@torch.no_grad()
+def decode_rows(model, tokenizer, cache, token: torch.Tensor, position: torch.Tensor, max_new_tokens: int,
+                cuda_graph: bool | None = None) -> list[str]:
+    """:func:`ask_many`'s second half: every row of ``cache`` decoded greedily from its ``token`` at ``position``."""
+    device = token.device
+    stop = torch.tensor(sorted(_stop_ids(model, tokenizer)) or [-1], device=device)
+    stop_set = set(stop.tolist())
+    with using_curdkv_attention(model):
         if _graph_decoding(cuda_graph, device, cache, max_new_tokens) and not bool(torch.isin(token, stop).all()):
             fixed = FixedCapacityCache.from_cache(cache, max_new_tokens)
             rest = GraphDecoder(model, fixed, token, position, stop, max_new_tokens - 1).run()
             tokens = torch.cat([token[:, None], rest], dim=1)
             return [_answer_text(tokenizer, row, stop_set) for row in tokens.tolist()]
-        generated: list[list[int]] = [[] for _ in requests]
-        active = list(range(len(requests)))  # the original index of each batch row
+        generated: list[list[int]] = [[] for _ in range(token.shape[0])]
+        active = list(range(token.shape[0]))  # the original index of each batch row
         for step in range(max_new_tokens):
             finished = torch.isin(token, stop).tolist()
             for row, tok, done in zip(active, token.tolist(), finished):
