@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from curdkv.presses import CurDKVPress
+from curdkv.presses import CurDKVPress, ScoringView
 from curdkv.selection import kept_count
 from helpers import B, H_KV, close, compress_states, make_states, ref_topk_indices, view_of
 
@@ -225,3 +225,50 @@ def test_exact_leverage_stays_finite_on_near_collinear_heads():
     assert float(lev.min()) >= 0.0 and float(lev.max()) <= 1.0 + 1e-4
     sums = lev.sum(-1)
     assert bool(((sums > d // 2 - 1) & (sums <= d + 1e-3)).all())
+
+
+# --------------------------------------------------------------------------- the study's options
+
+
+def _svd_leverage(x: torch.Tensor, rank=None, centre=False) -> torch.Tensor:
+    """Squared row norms of U (its first ``rank`` columns) in the SVD of each head's matrix, float64."""
+    x = x.double()
+    if centre:
+        x = x - x.mean(dim=-2, keepdim=True)
+    u, s, _ = torch.linalg.svd(x, full_matrices=False)
+    return u[..., : rank or u.shape[-1]].square().sum(-1)
+
+
+@pytest.mark.parametrize("rank,centre", [(None, False), (3, False), (None, True), (5, True)])
+def test_subspace_leverage_is_the_svd_leverage(rank, centre):
+    from curdkv.presses.curdkv import exact_leverage, subspace_leverage
+
+    x = torch.randn(2, 3, 50, 8, generator=torch.Generator().manual_seed(4)) * torch.linspace(0.1, 10, 8)
+    got = subspace_leverage(x, ridge=1e-12, rank=rank, centre=centre)
+    torch.testing.assert_close(got.double(), _svd_leverage(x, rank, centre), rtol=1e-5, atol=1e-7)
+    if rank is None and not centre:  # the default route agrees with the study's
+        torch.testing.assert_close(subspace_leverage(x), exact_leverage(x), rtol=1e-5, atol=1e-7)
+
+
+def test_the_study_options_reach_the_scores():
+    from helpers import attention_module, rotate
+    from curdkv.presses.rope import unrotate
+
+    g = torch.Generator().manual_seed(5)
+    pre = torch.randn(1, 2, 40, 16, generator=g)
+    values = torch.randn(1, 2, 40, 16, generator=g)
+    view = ScoringView(keys=rotate(pre, "tiny-llama"), values=values, queries=None,
+                       module=attention_module("tiny-llama"), layer_idx=0)
+    default = CurDKVPress(0.5).score(view)
+    assert torch.allclose(CurDKVPress(0.5, ridge=2e-6).score(view), default, atol=1e-5)  # same route, same scores
+    pre_rope = CurDKVPress(0.5, key_space="pre_rope").score(view)
+    unrotated = ScoringView(keys=unrotate(view.keys, view.module), values=values, queries=None, module=None,
+                            layer_idx=0)
+    torch.testing.assert_close(pre_rope, CurDKVPress(0.5, ridge=2e-6).score(unrotated), rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(pre_rope, default, atol=1e-4)  # RoPE changes leverage: the option matters
+    for options in ({"centre": True}, {"rank": 4}):
+        assert not torch.allclose(CurDKVPress(0.5, **options).score(view), default, atol=1e-4)
+    with pytest.raises(ValueError, match="apply to the exact estimator"):
+        CurDKVPress(0.5, estimator="projection", rank=4)
+    with pytest.raises(ValueError, match="key_space must be one of"):
+        CurDKVPress(0.5, key_space="rope")

@@ -13,10 +13,13 @@ from ..kernels.leverage import (
     transformed_norms,
     whitening,
 )
-from .base import Press, ScoringView, check_choice, check_int
+from .base import Press, ScoringView, check_choice, check_float, check_int
+from .rope import unrotate
 
 LEVERAGES = ("kv_product", "key", "value", "kv_avg")
 ESTIMATORS = ("projection", "exact")
+KEY_SPACES = ("post_rope", "pre_rope")
+DEFAULT_RIDGE = 1e-6
 
 
 def projected_leverage(states: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
@@ -50,6 +53,29 @@ def exact_leverage(states: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
     """
     x = states.double()
     return (x @ whitening(x.transpose(-1, -2) @ x, ridge)).square().sum(-1).float()
+
+
+def subspace_leverage(states: torch.Tensor, ridge: float = DEFAULT_RIDGE, rank: int | None = None,
+                      centre: bool = False) -> torch.Tensor:
+    """Leverage in the top ``rank`` right singular directions (all: ``None``), optionally of centred rows.
+
+    Float64 and obvious: the Gram matrix plus ``ridge`` eigendecomposed, and
+    ``ℓ_j = Σ_i (x_j·v_i)² / λ_i`` over the ``rank`` largest eigenvalues. With
+    every direction, leverage does not change when columns are rescaled, so
+    they are scaled to unit norm first (as :func:`exact_leverage`, which this
+    then equals without centring); a truncated rank is measured in the
+    matrix's own leading directions, unscaled. Returns float32 ``[B, H, N]``.
+    """
+    x = states.double()
+    if centre:
+        x = x - x.mean(dim=-2, keepdim=True)
+    if rank is None:
+        x = x / x.square().sum(-2, keepdim=True).sqrt().clamp_min(1e-30)
+    gram = x.transpose(-1, -2) @ x
+    evals, evecs = torch.linalg.eigh(gram + ridge * torch.eye(gram.shape[-1], dtype=x.dtype, device=x.device))
+    if rank is not None:
+        evals, evecs = evals[..., -rank:], evecs[..., -rank:]
+    return ((x @ evecs).square() / evals.unsqueeze(-2)).sum(-1).float()
 
 
 def exact_leverages(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,6 +149,13 @@ class CurDKVPress(Press):
       ``"kv_avg"`` (mean of the separately normalised key and value scores).
     - ``local_window``: normalise within windows of this many tokens (the
       authors' released code uses 16) instead of over the whole context.
+    - For the study of what moves accuracy (defaults change nothing):
+      ``key_space="pre_rope"`` scores keys with RoPE undone
+      (:func:`curdkv.presses.rope.unrotate`, Compactor's choice); ``centre``
+      subtracts each head's mean key and value first; ``ridge`` is the
+      whitening's (``1e-6``); ``rank`` measures leverage in only the
+      ``rank`` leading singular directions. Any of them takes the float64
+      route of :func:`subspace_leverage` (exact estimator only).
 
     Implementation notes: the exact estimator scales columns to unit norm
     and adds a ridge of 1e-6 (finite on rank-deficient heads); on CUDA with
@@ -145,6 +178,10 @@ class CurDKVPress(Press):
     local_window: int | None = None
     num_sinks: int = 4
     seed: int = 0
+    key_space: str = "post_rope"
+    centre: bool = False
+    ridge: float = DEFAULT_RIDGE
+    rank: int | None = None
 
     scores_comparable_across_heads = True
 
@@ -156,6 +193,14 @@ class CurDKVPress(Press):
         check_int("local_window", self.local_window, 1, allow_none=True)
         check_int("num_sinks", self.num_sinks, 0)
         check_int("seed", self.seed, 0)
+        check_choice("key_space", self.key_space, KEY_SPACES)
+        if not isinstance(self.centre, bool):
+            raise ValueError(f"centre must be True or False, got {self.centre!r}")
+        check_float("ridge", self.ridge, 0.0)
+        check_int("rank", self.rank, 1, allow_none=True)
+        if self.studied and self.estimator != "exact":
+            raise ValueError("key_space, centre, ridge and rank apply to the exact estimator; "
+                             f"estimator={self.estimator!r} takes none of them")
         self._projections: dict[tuple, torch.Tensor] = {}
         self._projection_terms: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -179,8 +224,19 @@ class CurDKVPress(Press):
             self._projections[key] = g.to(device)
         return self._projections[key]
 
+    @property
+    def studied(self) -> bool:
+        """Whether any of the study's options departs from the default."""
+        return (self.key_space != "post_rope" or self.centre or self.ridge != DEFAULT_RIDGE
+                or self.rank is not None)
+
     def leverages(self, view: ScoringView) -> tuple[torch.Tensor, torch.Tensor]:
         """Unnormalised key and value leverage, each float32 ``[B, H_kv, N]``."""
+        if self.studied:
+            keys = view.keys
+            if self.key_space == "pre_rope":
+                keys = unrotate(keys, view.module, positions=view.positions)
+            return tuple(subspace_leverage(x, self.ridge, self.rank, self.centre) for x in (keys, view.values))
         if self.estimator == "exact":
             return exact_leverages(view.keys, view.values)
         return self.projected(view.keys, view.num_kv_heads), self.projected(view.values, view.num_kv_heads)
