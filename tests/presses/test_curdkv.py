@@ -272,3 +272,40 @@ def test_the_study_options_reach_the_scores():
         CurDKVPress(0.5, estimator="projection", rank=4)
     with pytest.raises(ValueError, match="key_space must be one of"):
         CurDKVPress(0.5, key_space="rope")
+
+
+def test_key_leverage_in_the_window_queries_directions():
+    """Queries spanning 3 directions: key leverage is that of the keys' coordinates in those directions."""
+    from curdkv.presses.curdkv import subspace_leverage
+
+    g = torch.Generator().manual_seed(6)
+    basis, _ = torch.linalg.qr(torch.randn(16, 3, generator=g, dtype=torch.float64))  # [D, 3] orthonormal
+    queries = (torch.randn(1, 4, 20, 3, generator=g, dtype=torch.float64) @ basis.T).float()  # 4 heads, 2 KV heads
+    keys = torch.randn(1, 2, 50, 16, generator=g)
+    values = torch.randn(1, 2, 50, 16, generator=g)
+    view = ScoringView(keys=keys, values=values, queries=queries, module=None, layer_idx=0)
+    press = CurDKVPress(0.5, row_space="window_queries", rank=3, window=20)
+    lk, lv = press.leverages(view)
+    expected = subspace_leverage(keys.double() @ basis)  # the coordinates in any basis of the span
+    torch.testing.assert_close(lk, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(lv, subspace_leverage(values), rtol=1e-6, atol=1e-8)
+    assert press.query_window == 20 and CurDKVPress(0.5).query_window == 0
+    with pytest.raises(ValueError, match="needs rank"):
+        CurDKVPress(0.5, row_space="window_queries")
+
+
+@pytest.mark.parametrize("spec", ["curdkv:row_space=window_queries:rank=8:window=16",
+                                  "curdkv:key_space=pre_rope:centre=true"])
+def test_study_variants_keep_the_same_tokens_in_both_paths(spec):
+    import curdkv
+    from conftest import random_ids, tiny_model
+    from curdkv.cache.dense import CompressedCache
+    from curdkv.transformers_compat import forward_with_cache
+
+    model, ids = tiny_model("tiny-qwen3"), random_ids(90, seed=7)
+    press = curdkv.get_press(spec, 0.6)
+    swept = curdkv.capture_prefill(model, ids, query_window=press.query_window).build_cache(press)
+    cache = CompressedCache()
+    with curdkv.compress(model, press):
+        forward_with_cache(model, cache, input_ids=ids, use_cache=True)
+    assert all(torch.equal(a.keys, b.keys) for a, b in zip(swept.layers, cache.layers))

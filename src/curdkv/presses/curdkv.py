@@ -19,6 +19,7 @@ from .rope import unrotate
 LEVERAGES = ("kv_product", "key", "value", "kv_avg")
 ESTIMATORS = ("projection", "exact")
 KEY_SPACES = ("post_rope", "pre_rope")
+ROW_SPACES = ("keys", "window_queries")
 DEFAULT_RIDGE = 1e-6
 
 
@@ -76,6 +77,23 @@ def subspace_leverage(states: torch.Tensor, ridge: float = DEFAULT_RIDGE, rank: 
     if rank is not None:
         evals, evecs = evals[..., -rank:], evecs[..., -rank:]
     return ((x @ evecs).square() / evals.unsqueeze(-2)).sum(-1).float()
+
+
+def project_on_queries(keys: torch.Tensor, queries: torch.Tensor | None, rank: int, key_space: str, module,
+                       seq_len: int) -> torch.Tensor:
+    """``keys [B, H_kv, N, D]`` in the ``rank`` leading directions of their group's window queries: ``[B, H_kv, N, r]``.
+
+    ``queries [B, H, W, D]`` are post-RoPE (un-rotated too when the keys are pre-RoPE).
+    """
+    if queries is None:
+        raise ValueError("row_space='window_queries' reads the window's queries; the view has none")
+    if key_space == "pre_rope":
+        queries = unrotate(queries, module, start=seq_len - queries.shape[2])
+    b, h, w, d = queries.shape
+    h_kv = keys.shape[1]
+    q = queries.double().reshape(b, h_kv, (h // h_kv) * w, d)
+    _, evecs = torch.linalg.eigh(q.transpose(-1, -2) @ q)
+    return keys @ evecs[..., -rank:]
 
 
 def exact_leverages(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,8 +172,12 @@ class CurDKVPress(Press):
       (:func:`curdkv.presses.rope.unrotate`, Compactor's choice); ``centre``
       subtracts each head's mean key and value first; ``ridge`` is the
       whitening's (``1e-6``); ``rank`` measures leverage in only the
-      ``rank`` leading singular directions. Any of them takes the float64
-      route of :func:`subspace_leverage` (exact estimator only).
+      ``rank`` leading singular directions; ``row_space="window_queries"``
+      measures key leverage in the ``rank`` leading directions of the last
+      ``window`` queries of the key's GQA group instead (the directions
+      attention reads keys along, which softmax(QKᵀ)V's dominant subspace is
+      made of). Any of them takes the float64 route of
+      :func:`subspace_leverage` (exact estimator only).
 
     Implementation notes: the exact estimator scales columns to unit norm
     and adds a ridge of 1e-6 (finite on rank-deficient heads); on CUDA with
@@ -182,6 +204,8 @@ class CurDKVPress(Press):
     centre: bool = False
     ridge: float = DEFAULT_RIDGE
     rank: int | None = None
+    row_space: str = "keys"
+    window: int = 64
 
     scores_comparable_across_heads = True
 
@@ -198,6 +222,11 @@ class CurDKVPress(Press):
             raise ValueError(f"centre must be True or False, got {self.centre!r}")
         check_float("ridge", self.ridge, 0.0)
         check_int("rank", self.rank, 1, allow_none=True)
+        check_choice("row_space", self.row_space, ROW_SPACES)
+        check_int("window", self.window, 1)
+        if self.row_space == "window_queries" and self.rank is None:
+            raise ValueError("row_space='window_queries' needs rank (the query directions kept); every direction "
+                             "would only rotate the keys, which leaves leverage as it is")
         if self.studied and self.estimator != "exact":
             raise ValueError("key_space, centre, ridge and rank apply to the exact estimator; "
                              f"estimator={self.estimator!r} takes none of them")
@@ -228,7 +257,11 @@ class CurDKVPress(Press):
     def studied(self) -> bool:
         """Whether any of the study's options departs from the default."""
         return (self.key_space != "post_rope" or self.centre or self.ridge != DEFAULT_RIDGE
-                or self.rank is not None)
+                or self.rank is not None or self.row_space != "keys")
+
+    @property
+    def query_window(self) -> int:
+        return self.window if self.row_space == "window_queries" else 0
 
     def leverages(self, view: ScoringView) -> tuple[torch.Tensor, torch.Tensor]:
         """Unnormalised key and value leverage, each float32 ``[B, H_kv, N]``."""
@@ -236,7 +269,13 @@ class CurDKVPress(Press):
             keys = view.keys
             if self.key_space == "pre_rope":
                 keys = unrotate(keys, view.module, positions=view.positions)
-            return tuple(subspace_leverage(x, self.ridge, self.rank, self.centre) for x in (keys, view.values))
+            lv = subspace_leverage(view.values, self.ridge, None if self.row_space != "keys" else self.rank,
+                                   self.centre)
+            if self.row_space == "window_queries":
+                keys = project_on_queries(keys.double(), view.queries, self.rank, self.key_space, view.module,
+                                          view.seq_len)
+                return subspace_leverage(keys, self.ridge, None, self.centre), lv
+            return subspace_leverage(keys, self.ridge, self.rank, self.centre), lv
         if self.estimator == "exact":
             return exact_leverages(view.keys, view.values)
         return self.projected(view.keys, view.num_kv_heads), self.projected(view.values, view.num_kv_heads)
