@@ -11,7 +11,8 @@ So nothing in curdkv looks the cache up by keyword. Hooks find it by its
 type among a forward's arguments (:func:`find_cache`): every release must
 hand the attention module the ``Cache`` object whose ``update`` it calls,
 whatever the argument is named. curdkv's own forward calls ask the model's
-signature which keyword it takes (:func:`forward_with_cache`).
+signature which keyword it takes (:func:`forward_with_cache`), and outputs
+curdkv builds itself name the cache as the release does (:func:`causal_lm_output`).
 """
 
 from __future__ import annotations
@@ -62,3 +63,12 @@ def cache_keyword(model) -> str:
 def forward_with_cache(model, cache, **kwargs):
     """``model(**kwargs)`` with ``cache`` passed under the keyword this release expects."""
     return model(**kwargs, **{cache_keyword(model): cache})
+
+
+def causal_lm_output(logits, cache):
+    """A ``CausalLMOutputWithPast`` carrying ``cache`` under this release's field (``cache`` from 5.24, else
+    ``past_key_values``), for forwards curdkv serves itself (graph-replayed decode steps)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    field = next(name for name in _CACHE_KEYWORDS if name in CausalLMOutputWithPast.__dataclass_fields__)
+    return CausalLMOutputWithPast(logits=logits, **{field: cache})

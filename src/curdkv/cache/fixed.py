@@ -23,8 +23,9 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from .dense import CompressedCache, CompressedLayer
+from .dense import CompressedCache
 from .ragged import RaggedKV, RaggedLayer
+from .stack import folded_row
 
 
 class TailState:
@@ -85,18 +86,19 @@ class FixedCapacityLayer(DynamicLayer):
             self.tail_keys[:, :, :filled] = kept.tail_keys[:, :, :filled]
             self.tail_values[:, :, :filled] = kept.tail_values[:, :, :filled]
         self.keys, self.values = self.tail_keys, self.tail_values  # dtype/device for code that looks
+        # What attention reads, described once: every tensor it names stays in place for the layer's life.
+        self.kv = RaggedKV(
+            keys=self.context_keys, values=self.context_values, offsets=self.offsets, lengths=self.lengths,
+            tail_keys=self.tail_keys, tail_values=self.tail_values,
+            tail_start=state.filled, active_rows=state.active,
+        )
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         index = self.state.write_index(key_states.shape[2])
         self.tail_keys.index_copy_(2, index, key_states.to(self.tail_keys.dtype))
         self.tail_values.index_copy_(2, index, value_states.to(self.tail_values.dtype))
-        kv = RaggedKV(
-            keys=self.context_keys, values=self.context_values, offsets=self.offsets, lengths=self.lengths,
-            tail_keys=self.tail_keys, tail_values=self.tail_values,
-            tail_start=self.state.filled, active_rows=self.state.active,
-        )
-        return kv, kv
+        return self.kv, self.kv
 
     @property
     def stored_length(self) -> int:
@@ -118,17 +120,6 @@ class FixedCapacityLayer(DynamicLayer):
     crop = batch_repeat_interleave = batch_select_indices = reorder_cache = _unsupported
 
 
-def as_kept_ragged(layer) -> RaggedLayer:
-    """A bare compressed layer of any layout as ragged rows (a view of its tensors where they are contiguous)."""
-    if isinstance(layer, RaggedLayer):
-        if layer.tail_length:
-            return layer.folded()
-        return layer
-    if isinstance(layer, CompressedLayer):
-        return RaggedLayer.from_dense(layer.keys, layer.values, layer.get_seq_length())
-    raise ValueError(f"cannot decode a {type(layer).__name__} at a fixed capacity; use the dense or ragged layout")
-
-
 class FixedCapacityCache(CompressedCache):
     """Every layer of a compressed cache at a fixed capacity of ``capacity`` appended tokens."""
 
@@ -142,7 +133,7 @@ class FixedCapacityCache(CompressedCache):
             raise ValueError(f"capacity must be an integer >= 1, got {capacity!r}")
         if not cache.layers:
             raise ValueError("the cache holds no layer: prefill a context first")
-        kept = [as_kept_ragged(layer) for layer in cache.layers]
+        kept = [folded_row(layer) for layer in cache.layers]
         out = cls()
         out.state = TailState(kept[0].batch_size, capacity, kept[0].device)
         out.layers = [FixedCapacityLayer(layer, out.state) for layer in kept]

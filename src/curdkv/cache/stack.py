@@ -58,9 +58,13 @@ def stack_caches(caches: list[CompressedCache], context_length: int) -> Compress
 
 
 def folded_row(layer) -> RaggedLayer:
-    """One context's layer, with the tokens appended since its compression folded into each head's context."""
+    """A layer as bare ragged rows: the tokens appended since its compression folded into each head's context.
+
+    A bare ragged layer is returned as it is, and a dense one as a view where
+    it is contiguous, so nothing is copied that need not be.
+    """
     if isinstance(layer, RaggedLayer):
-        return layer.folded()
+        return layer.folded() if layer.tail_length else layer
     if isinstance(layer, CompressedLayer):
         return RaggedLayer.from_dense(layer.keys, layer.values, layer.get_seq_length())
     raise ValueError(f"cannot stack a {type(layer).__name__}; use the dense or ragged layout")

@@ -38,7 +38,8 @@ def add_rmsnorm_reference(x: torch.Tensor, delta: torch.Tensor | None, weight: t
     return weight * h.to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """transformers' ``rotate_half``: ``[-x2, x1]`` for the halves of the last dimension."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
@@ -59,9 +60,9 @@ def rope_store_reference(q, k, v, cos, sin, tail_k, tail_v, index, q_norm=None, 
     """
     cos, sin = cos[:, None], sin[:, None]
     qn = _head_norm(q, q_norm, eps)
-    q.copy_(qn * cos + _rotate_half(qn) * sin)
+    q.copy_(qn * cos + rotate_half(qn) * sin)
     kn = _head_norm(k, k_norm, eps)
-    tail_k.index_copy_(2, index, (kn * cos + _rotate_half(kn) * sin)[:, :, None])
+    tail_k.index_copy_(2, index, (kn * cos + rotate_half(kn) * sin)[:, :, None])
     tail_v.index_copy_(2, index, v[:, :, None])
 
 

@@ -12,11 +12,7 @@ import sys
 import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """transformers' ``rotate_half``: ``[-x2, x1]`` for the halves of the last dimension."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+from ..kernels.decode_step import rotate_half
 
 
 def _standard_rope_init(config) -> tuple[torch.Tensor, float]:

@@ -18,17 +18,13 @@ full (a copy of the tail and a new capture).
 from __future__ import annotations
 
 import torch
-from transformers.modeling_outputs import CausalLMOutputWithPast
-
 from ..cache.dense import CompressedLayer
 from ..cache.fixed import FixedCapacityCache
 from ..cache.ragged import RaggedLayer
-from ..transformers_compat import find_cache
+from ..transformers_compat import causal_lm_output, find_cache
 from .graph_decode import LogitsGraph
 
 FIRST_CAPACITY = 256
-# The keyword under which this transformers release's outputs carry the cache.
-_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 # Forward arguments that ask for more than the logits: such passes run the model's own forward.
 _EXTRA_OUTPUTS = ("inputs_embeds", "labels", "output_attentions", "output_hidden_states")
 
@@ -60,14 +56,18 @@ class GraphGenerate:
             return False
         if any(kwargs.get(name) not in (None, False) for name in _EXTRA_OUTPUTS) or not cache.layers:
             return False
-        known = self.graphs.get(id(cache))
-        if known is not None and cache.layers[0] is known[0].layers[0]:
+        if self._known(cache) is not None:
             return True
         return all(type(layer) in (CompressedLayer, RaggedLayer) for layer in cache.layers)
 
-    def _graph(self, cache) -> LogitsGraph:
+    def _known(self, cache) -> tuple[FixedCapacityCache, LogitsGraph] | None:
+        """The graph already serving ``cache``, if its layers are still that graph's."""
         known = self.graphs.get(id(cache))
-        if known is not None and cache.layers[0] is known[0].layers[0]:
+        return known if known is not None and cache.layers[0] is known[0].layers[0] else None
+
+    def _graph(self, cache) -> LogitsGraph:
+        known = self._known(cache)
+        if known is not None:
             fixed, graph = known
             if fixed.state.host_filled < fixed.state.capacity:
                 return graph
@@ -90,5 +90,5 @@ class GraphGenerate:
             position = torch.full_like(input_ids, cache.layers[0].get_seq_length())
         logits = graph(input_ids, position)
         self.hooks.graph_served = True  # the compress hooks verify nothing of a pass no attention module ran
-        return CausalLMOutputWithPast(logits=logits[:, None], **{_CACHE_FIELD: cache})
+        return causal_lm_output(logits[:, None], cache)
 

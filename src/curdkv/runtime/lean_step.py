@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from ..cache.fixed import FixedCapacityCache
-from ..cache.ragged import RaggedKV
 from ..kernels.decode_step import add_rmsnorm, rope_store, silu_mul
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -68,13 +67,6 @@ class LeanStep:
         self.eps = config.rms_norm_eps
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.views = []
-        for layer in cache.layers:
-            self.views.append(RaggedKV(
-                keys=layer.context_keys, values=layer.context_values, offsets=layer.offsets, lengths=layer.lengths,
-                tail_keys=layer.tail_keys, tail_values=layer.tail_values,
-                tail_start=cache.state.filled, active_rows=cache.state.active,
-            ))
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, V]`` of ``input_ids [B, 1]`` at ``position_ids [B, 1]``; writes the token's K/V."""
@@ -87,7 +79,7 @@ class LeanStep:
         b = x.shape[0]
         index = self.cache.state.filled
         delta = None
-        for layer, kv, store in zip(inner.layers, self.views, self.cache.layers):
+        for layer, store in zip(inner.layers, self.cache.layers):
             attn, mlp = layer.self_attn, layer.mlp
             h = add_rmsnorm(x, delta, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
             q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(b, self.heads, self.head_dim)
@@ -97,7 +89,7 @@ class LeanStep:
             rope_store(q, k, v, cos, sin, store.tail_keys, store.tail_values, index,
                        None if q_norm is None else q_norm.weight, None if k_norm is None else k_norm.weight,
                        eps if q_norm is None else q_norm.variance_epsilon)
-            out = ragged_attention(q[:, :, None], kv, attn.scaling)  # [B, 1, H, D]
+            out = ragged_attention(q[:, :, None], store.kv, attn.scaling)  # [B, 1, H, D]
             o = F.linear(out.reshape(b, -1), attn.o_proj.weight, attn.o_proj.bias)
             norm = layer.post_attention_layernorm
             h = add_rmsnorm(x, o, norm.weight, norm.variance_epsilon)
