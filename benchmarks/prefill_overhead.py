@@ -79,26 +79,32 @@ def main(argv=None) -> None:
             times[config].append(seconds)
             peaks[config] = peak
             print(f"round {r}: {config[0]:10s} overlap={config[1]!s:5s} {seconds:8.3f} s", flush=True)
+        # Written after every round: a run cut short keeps the rounds it finished.
+        rows = summary(configs, times, peaks, args.ratio, layers)
+        result = dict(environment=environment(), settings=vars(args), rounds_done=r + 1, layers=layers, rows=rows)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    for row in rows:
+        print(f"{row['method']:10s} overlap={row['overlap']!s:5s} median {row['prefill_s_median']:8.3f} s, "
+              f"added {row['added_ms']:8.1f} ms ({row['added_percent']:+.2f}%, {row['added_ms_per_layer']:+.2f} "
+              f"ms/layer), peak {row['peak_gb']:.2f} GB")
+
+
+def summary(configs, times, peaks, ratio: float, layers: int) -> list[dict]:
+    """One row per configuration over the rounds run so far."""
     full_times = times[configs[0]]
     full = statistics.median(full_times)
     rows = []
     for config in configs:
         name, overlap = config
-        median = statistics.median(times[config])
         # Against the same round's full prefill: drift over the rounds cancels.
         added = statistics.median(t - f for t, f in zip(times[config], full_times))
         rows.append(dict(
-            method=name, overlap=overlap, compression_ratio=0.0 if name == "full" else args.ratio,
-            prefill_s_median=median, prefill_s_all=times[config], added_ms=added * 1000,
-            added_ms_per_layer=added * 1000 / layers, added_percent=100 * added / full,
-            peak_gb=peaks[config] / 1e9,
+            method=name, overlap=overlap, compression_ratio=0.0 if name == "full" else ratio,
+            prefill_s_median=statistics.median(times[config]), prefill_s_all=times[config], added_ms=added * 1000,
+            added_ms_per_layer=added * 1000 / layers, added_percent=100 * added / full, peak_gb=peaks[config] / 1e9,
         ))
-        print(f"{name:10s} overlap={overlap!s:5s} median {median:8.3f} s, added {added * 1000:8.1f} ms "
-              f"({100 * added / full:+.2f}%, {added * 1000 / layers:+.2f} ms/layer), peak {peaks[config] / 1e9:.2f} GB")
-    result = dict(environment=environment(), settings=vars(args), layers=layers, rows=rows)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-
+    return rows
 
 if __name__ == "__main__":
     main()
