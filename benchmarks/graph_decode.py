@@ -34,21 +34,17 @@ from pathlib import Path
 import torch
 
 import curdkv
-from curdkv.attention.function import using_curdkv_attention
-from curdkv.bench.timing import copy_bandwidth, decode_seconds_per_token
+from curdkv.bench.timing import copy_bandwidth, decode_seconds_per_token, replayed_seconds_per_token
 from curdkv.cache.dense import CompressedCache
-from curdkv.cache.fixed import FixedCapacityCache
 from curdkv.cache.stack import stack_caches
 from curdkv.context import CompressedContext, ask_many, decode_rows, fold_questions
 from curdkv.presses import get_press
 from curdkv.report import environment
 from curdkv.runtime import graph_decode
-from curdkv.runtime.graph_decode import GraphDecoder
 from curdkv.runtime.hooks import compress
 from curdkv.transformers_compat import forward_with_cache
 
 CONFIGS = [("full", 0.0), ("curdkv", 0.5), ("curdkv", 0.9), ("adacurdkv", 0.9)]
-NEVER = torch.tensor([-1])  # no end token: every step runs
 
 
 class CharTokenizer:
@@ -81,21 +77,7 @@ def random_ids(vocab: int, n: int, seed: int, device) -> torch.Tensor:
 
 def graph_ms(model, cache, context_length: int, steps: int, lean: bool | None = None) -> float:
     """Milliseconds per replayed step over ``cache`` (batch = its rows), after the first step and the capture."""
-    rows = cache.layers[0].keys.shape[0]
-    device = cache.layers[0].keys.device
-    fixed = FixedCapacityCache.from_cache(cache, steps + 2)
-    token = torch.zeros(rows, dtype=torch.int64, device=device)
-    position = torch.full((rows,), context_length, device=device)
-    with using_curdkv_attention(model):
-        decoder = GraphDecoder(model, fixed, token, position, NEVER.to(device), steps + 1, lean=lean)
-        decoder.start()
-        decoder.graph.replay()  # one untimed replay
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps - 1):
-            decoder.graph.replay()
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / (steps - 1) * 1000
+    return replayed_seconds_per_token(model, cache, context_length, steps, lean) * 1000
 
 
 def eager_ms(model, cache, context_length: int, steps: int) -> float:

@@ -504,6 +504,13 @@ def test_bench_overhead_sums_each_layer_timed_alone_and_refuses_other_timings(tm
     (tmp_path / "bench.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="timed the compression overhead another way"):
         run_bench(settings, tmp_path, progress=False)
+    # Nor one whose decode was timed another way (replayed graphs on CUDA, the eager loop here).
+    assert saved["decode_timing"] == speed.decode_timing(torch.device("cpu")) == "eager loop of model(...) calls"
+    saved["overhead_timing"] = speed.OVERHEAD_TIMING
+    saved["decode_timing"] = "replayed CUDA graph, as ctx.ask decodes"
+    (tmp_path / "bench.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="timed decoding another way"):
+        run_bench(settings, tmp_path, progress=False)
 
 
 def test_bench_decode_speedups_from_wall_and_gpu_times():
@@ -599,6 +606,23 @@ def test_decode_gpu_time_is_below_wall_time_and_grows_with_the_cache():
         times[n] = decode_gpu_seconds_per_token(model, cache, ids[:, -1:], n, 5)
         assert 0 < times[n] < wall
     assert times[2048] > times[64]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="graph replay needs CUDA")
+def test_replayed_decode_is_faster_than_the_eager_loop_and_leaves_the_cache_as_it_was():
+    from curdkv.bench.timing import decode_seconds_per_token, replayed_seconds_per_token
+    from curdkv import capture_prefill
+
+    model, _ = curdkv.load_model("random:tiny-llama", dtype=torch.float16, device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (1, 1024), device="cuda")
+    cache = capture_prefill(model, ids).build_cache(curdkv.get_press("curdkv", 0.5))
+    before, length = cache.layers[0].keys.clone(), cache.get_seq_length()
+    eager = decode_seconds_per_token(model, cache, ids[:, -1:], 1024, 8)
+    replayed = replayed_seconds_per_token(model, cache, 1024, 8)
+    assert 0 < replayed < eager
+    assert cache.get_seq_length() == length and torch.equal(cache.layers[0].keys, before)
+    with pytest.raises(ValueError, match="steps must be at least 2"):
+        replayed_seconds_per_token(model, cache, 1024, 1)
 
 
 @pytest.mark.parametrize("field,value,message", [

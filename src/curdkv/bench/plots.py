@@ -34,7 +34,8 @@ def bench_table(result: dict) -> str:
     lines = [
         f"Model {settings['model']} ({settings['dtype']}, {settings['attn_implementation']}) on {env['device']}; "
         f"torch {env['torch']}, transformers {env['transformers']}, Triton {env.get('triton')}. "
-        f"Decode: {settings['decode_tokens']} greedy tokens, median of {settings['decode_repeats']}; "
+        f"Decode: {settings['decode_tokens']} greedy tokens, median of {settings['decode_repeats']}, "
+        f"{result.get('decode_timing', 'eager loop of model(...) calls')}; "
         f"overhead: median of {settings['repeats']}, {result.get('overhead_timing', 'gpu time of a whole build')}. "
         f"Copy bandwidth {result['copy_bandwidth_gb_s']:.0f} GB/s "
         f"(read + write); fixed decode cost {result['fixed_decode_ms_per_token']:.2f} ms/token "

@@ -69,6 +69,7 @@ from ..models import load_model
 from ..presses import get_press, parse_press_spec
 from ..report import environment
 from ..context import capture_prefill
+from ..runtime.graph_decode import graphs_possible
 from ..runtime.hooks import compress
 from ..runtime.layer import compress_layer
 from ..runtime.model import attention_modules
@@ -80,6 +81,7 @@ from .timing import (
     gpu_time,
     median_seconds,
     overlapped_seconds,
+    replayed_seconds_per_token,
     timer,
 )
 
@@ -187,13 +189,31 @@ def _tokens(vocab: int, length: int, seed: int, device) -> torch.Tensor:
     return torch.randint(0, vocab, (1, length), generator=gen).to(device)
 
 
+def decode_timing(device) -> str:
+    """How ``decode_ms_per_token`` is timed on ``device``; a bench.json timed another way is not resumed."""
+    if graphs_possible(device):
+        return "replayed CUDA graph, as ctx.ask decodes"
+    return "eager loop of model(...) calls"
+
+
 def _decode_ms(model, cache, first: torch.Tensor, position: int, settings: BenchSettings) -> tuple[float, float | None]:
-    """Milliseconds per decode step: wall (median of ``decode_repeats`` runs after 3 untimed steps) and GPU."""
-    decode_seconds_per_token(model, cache, first, position, 3)
-    wall = statistics.median(
-        decode_seconds_per_token(model, cache, first, position, settings.decode_tokens)
-        for _ in range(settings.decode_repeats)
-    )
+    """Milliseconds per decode step: wall (median of ``decode_repeats`` runs) and the eager step's GPU time.
+
+    On CUDA the wall time is the replayed graph's, what a user's ``ask``
+    gets; elsewhere the eager loop's, after 3 untimed steps. The GPU time is
+    always the eager step's kernels summed (what the cache size changes).
+    """
+    if graphs_possible(first.device):
+        wall = statistics.median(
+            replayed_seconds_per_token(model, cache, position, settings.decode_tokens)
+            for _ in range(settings.decode_repeats)
+        )
+    else:
+        decode_seconds_per_token(model, cache, first, position, 3)
+        wall = statistics.median(
+            decode_seconds_per_token(model, cache, first, position, settings.decode_tokens)
+            for _ in range(settings.decode_repeats)
+        )
     gpu = decode_gpu_seconds_per_token(model, cache, first, position, min(settings.decode_tokens, GPU_DECODE_STEPS))
     return wall * 1000, None if gpu is None else gpu * 1000
 
@@ -447,6 +467,7 @@ def run_bench(settings: BenchSettings, out: str | Path | None = None, progress: 
         "settings": {**settings.as_dict(), "lengths": sorted({r["context_tokens"] for r in earlier} | set(settings.lengths)),
                      "methods": methods},
         "overhead_timing": OVERHEAD_TIMING,
+        "decode_timing": decode_timing(device),
         "copy_bandwidth_gb_s": previous.get("copy_bandwidth_gb_s") or copy_bandwidth(layer_bytes, device) / 1e9,
         "rows": earlier,
     }
@@ -491,6 +512,10 @@ def _load_previous(out: Path | None, settings: BenchSettings) -> dict:
     if previous.get("rows") and previous.get("overhead_timing") != OVERHEAD_TIMING:
         raise ValueError(f"{path} timed the compression overhead another way ({previous.get('overhead_timing')!r}, "
                          f"now {OVERHEAD_TIMING!r}); choose another --out or remove it")
+    timing = decode_timing(torch.device(settings.device))
+    if previous.get("rows") and previous.get("decode_timing", "eager loop of model(...) calls") != timing:
+        raise ValueError(f"{path} timed decoding another way ({previous.get('decode_timing')!r}, now {timing!r}); "
+                         "choose another --out or remove it")
     return previous
 
 
