@@ -55,6 +55,33 @@ def check_budget(seq_len: int, n_keep: int, sinks: int, recent: int) -> None:
         )
 
 
+def shared_threshold_keeps(scores: list[torch.Tensor], n_keep: int, seq_len: int, sinks: int) -> list[int]:
+    """Per-layer budgets from one threshold over every layer, head and token of ``scores`` (``[B, H_kv, N]`` each).
+
+    The model keeps ``n_keep`` tokens per head on average; which layers hold
+    them is decided by the scores themselves: the top ``n_keep · H_kv · B``
+    entries of each layer, over all layers, are kept, and each layer's budget
+    is its count over its heads (rounded to whole tokens per head). The first
+    ``sinks`` tokens, kept whatever their scores, count as kept. Scores must
+    share one scale across layers (each head's a distribution, or KVzip's
+    attention probabilities): the top entries then maximise the total score
+    kept.
+    """
+    if n_keep >= seq_len:
+        return [n_keep] * len(scores)
+    protected = torch.arange(min(sinks, seq_len), device=scores[0].device)
+    filled = [s.float().index_fill(-1, protected, float("inf")) for s in scores]
+    flat = torch.cat([f.flatten() for f in filled])
+    total = n_keep * flat.numel() // seq_len
+    # The top ``total`` entries (ties broken by topk, so the total is exact), counted per layer.
+    chosen = flat.topk(total, sorted=False).indices
+    layer_of = torch.div(chosen, filled[0].numel(), rounding_mode="floor")
+    counts = torch.bincount(layer_of, minlength=len(scores)).tolist()
+    heads = scores[0].shape[0] * scores[0].shape[1]
+    floor = max(1, min(sinks, seq_len))
+    return [min(seq_len, max(floor, round(count / heads))) for count in counts]
+
+
 def protect(scores: torch.Tensor, sinks: int, recent: int) -> torch.Tensor:
     """Scores ``[..., N]`` with the protected positions raised above every other."""
     if sinks == 0 and recent == 0:

@@ -295,7 +295,7 @@ def test_key_leverage_in_the_window_queries_directions():
 
 
 @pytest.mark.parametrize("spec", ["curdkv:row_space=window_queries:rank=8:window=16",
-                                  "curdkv:key_space=pre_rope:centre=true"])
+                                  "curdkv:key_space=pre_rope:centre=true", "curdkv:layer_budget=leverage_mass"])
 def test_study_variants_keep_the_same_tokens_in_both_paths(spec):
     import curdkv
     from conftest import random_ids, tiny_model
@@ -309,3 +309,44 @@ def test_study_variants_keep_the_same_tokens_in_both_paths(spec):
     with curdkv.compress(model, press):
         forward_with_cache(model, cache, input_ids=ids, use_cache=True)
     assert all(torch.equal(a.keys, b.keys) for a, b in zip(swept.layers, cache.layers))
+
+
+def test_shared_threshold_keeps_count_the_top_entries_of_every_layer():
+    from curdkv.selection import shared_threshold_keeps
+
+    gen = torch.Generator().manual_seed(3)
+    # Layer 0's heads each put their mass on a few tokens, layer 1's spread it: layer 1 needs more tokens.
+    peaked = torch.rand(1, 2, 40, generator=gen) ** 30
+    flat = 1 + 0.1 * torch.rand(1, 2, 40, generator=gen)
+    scores = [s / s.sum(-1, keepdim=True) for s in (peaked, flat)]
+    n_keep, sinks = 12, 2
+    keeps = shared_threshold_keeps(scores, n_keep, 40, sinks)
+    # The slow obvious count: sinks first, then the largest entries over both layers.
+    entries = sorted(((float("inf") if t < sinks else float(s[0, h, t]), layer)
+                      for layer, s in enumerate(scores) for h in range(2) for t in range(40)), reverse=True)
+    counts = [sum(1 for _, layer in entries[: n_keep * 2 * 2] if layer == i) for i in (0, 1)]
+    assert keeps == [round(c / 2) for c in counts]
+    assert keeps[0] < n_keep < keeps[1] and sum(keeps) == 2 * n_keep
+    assert shared_threshold_keeps(scores, 40, 40, sinks) == [40, 40]
+
+
+def test_leverage_mass_budgets_differ_by_layer_and_keep_the_ratio_on_average():
+    import curdkv
+    from conftest import random_ids, tiny_model
+
+    model, ids = tiny_model("tiny-llama"), random_ids(120, seed=2)
+    capture = curdkv.capture_prefill(model, ids)
+    uniform = capture.build_cache(curdkv.get_press("curdkv", 0.7))
+    press = curdkv.get_press("curdkv:layer_budget=leverage_mass", 0.7)
+    assert press.needs_full_prefill and not curdkv.get_press("curdkv", 0.7).needs_full_prefill
+    # Each head of layer 0 keeps only its sinks' share of the mass, layer 1's spread it: layer 1 gets the budget.
+    scores = [torch.zeros(1, 2, 120), torch.ones(1, 2, 120) / 120]
+    scores[0][..., 4:8] = 0.25
+    keeps = press.layer_keeps(scores, 120)
+    assert keeps[0] < 36 < keeps[1] and sum(keeps) == 2 * 36
+    adapted = capture.build_cache(press)
+    lengths = [layer.keys.shape[2] for layer in adapted.layers]
+    assert lengths == press.layer_keeps(capture.scores(press, capture.window_queries(press)), 120)
+    assert sum(lengths) == 2 * uniform.layers[0].keys.shape[2] == 2 * 36
+    with pytest.raises(ValueError, match="layer_budget must be one of"):
+        curdkv.get_press("curdkv:layer_budget=global", 0.5)

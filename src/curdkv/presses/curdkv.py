@@ -13,6 +13,7 @@ from ..kernels.leverage import (
     transformed_norms,
     whitening,
 )
+from ..selection import check_budget, kept_count, shared_threshold_keeps
 from .base import Press, ScoringView, check_choice, check_float, check_int
 from .rope import unrotate
 
@@ -20,6 +21,7 @@ LEVERAGES = ("kv_product", "key", "value", "kv_avg")
 ESTIMATORS = ("projection", "exact")
 KEY_SPACES = ("post_rope", "pre_rope")
 ROW_SPACES = ("keys", "window_queries")
+LAYER_BUDGETS = ("uniform", "leverage_mass")
 DEFAULT_RIDGE = 1e-6
 
 
@@ -178,6 +180,14 @@ class CurDKVPress(Press):
       attention reads keys along, which softmax(QKᵀ)V's dominant subspace is
       made of). Any of them takes the float64 route of
       :func:`subspace_leverage` (exact estimator only).
+    - ``layer_budget="leverage_mass"``: layers get different budgets (the
+      model's mean stays the ratio's): every head's scores are a
+      distribution, and the tokens above one threshold over all layers and
+      heads are kept (:func:`curdkv.selection.shared_threshold_keeps`), which
+      keeps the most score mass in total. A layer whose leverage is spread
+      over many tokens gets more of the budget than one where a few tokens
+      hold it. It needs every layer's scores first, so the layers are cut
+      after the prefill (``needs_full_prefill``).
 
     Implementation notes: the exact estimator scales columns to unit norm
     and adds a ridge of 1e-6 (finite on rank-deficient heads); on CUDA with
@@ -206,6 +216,7 @@ class CurDKVPress(Press):
     rank: int | None = None
     row_space: str = "keys"
     window: int = 64
+    layer_budget: str = "uniform"
 
     scores_comparable_across_heads = True
 
@@ -224,6 +235,7 @@ class CurDKVPress(Press):
         check_int("rank", self.rank, 1, allow_none=True)
         check_choice("row_space", self.row_space, ROW_SPACES)
         check_int("window", self.window, 1)
+        check_choice("layer_budget", self.layer_budget, LAYER_BUDGETS)
         if self.row_space == "window_queries" and self.rank is None:
             raise ValueError("row_space='window_queries' needs rank (the query directions kept); every direction "
                              "would only rotate the keys, which leaves leverage as it is")
@@ -262,6 +274,18 @@ class CurDKVPress(Press):
     @property
     def query_window(self) -> int:
         return self.window if self.row_space == "window_queries" else 0
+
+    @property
+    def needs_full_prefill(self) -> bool:
+        # Budgets across layers need every layer's scores first.
+        return self.layer_budget != "uniform"
+
+    def layer_keeps(self, scores: list[torch.Tensor], seq_len: int) -> list[int]:
+        if self.layer_budget == "uniform":
+            return super().layer_keeps(scores, seq_len)
+        n_keep = kept_count(seq_len, self.compression_ratio)
+        check_budget(seq_len, n_keep, self.protected_sinks, self.protected_recent)
+        return shared_threshold_keeps(scores, n_keep, seq_len, self.num_sinks)
 
     def leverages(self, view: ScoringView) -> tuple[torch.Tensor, torch.Tensor]:
         """Unnormalised key and value leverage, each float32 ``[B, H_kv, N]``."""

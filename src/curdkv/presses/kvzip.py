@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..selection import check_budget, kept_count
+from ..selection import check_budget, kept_count, shared_threshold_keeps
 from .base import Press, ScoringView, check_int
 
 # The reconstruction prompts of the paper's code, before a chunk (the first, and the later ones,
@@ -111,17 +111,6 @@ class KVzipPress(Press):
     def layer_keeps(self, scores: list[torch.Tensor], seq_len: int) -> list[int]:
         n_keep = kept_count(seq_len, self.compression_ratio)
         check_budget(seq_len, n_keep, self.protected_sinks, self.protected_recent)
-        if self.layerwise or n_keep >= seq_len:
+        if self.layerwise:
             return [n_keep] * len(scores)
-        # One threshold over every layer, head and token; the sinks, kept whatever their scores, count as kept.
-        sinks = torch.arange(min(self.num_sinks, seq_len), device=scores[0].device)
-        filled = [s.float().index_fill(-1, sinks, float("inf")) for s in scores]
-        flat = torch.cat([f.flatten() for f in filled])
-        total = n_keep * flat.numel() // seq_len
-        # The top ``total`` entries (ties broken by topk, so the total is exact), counted per layer.
-        chosen = flat.topk(total, sorted=False).indices
-        layer_of = torch.div(chosen, filled[0].numel(), rounding_mode="floor")
-        counts = torch.bincount(layer_of, minlength=len(scores)).tolist()
-        heads = scores[0].shape[0] * scores[0].shape[1]
-        floor = max(1, min(self.num_sinks, seq_len))
-        return [min(seq_len, max(floor, round(count / heads))) for count in counts]
+        return shared_threshold_keeps(scores, n_keep, seq_len, self.num_sinks)
