@@ -105,16 +105,25 @@ class CurDKVConnector(KVConnectorBase_V1):
         kv_cache_manager.curdkv_evicted = self._evicted
 
     def on_new_request(self, request) -> None:
-        """Decide this request's press, ratio and context; raise ``ValueError`` on bad per-request settings."""
+        """Decide this request's press, ratio and context.
+
+        The scheduler has queued the request when it calls this, so bad
+        per-request settings cannot be refused here (raising would leave it
+        queued): they are logged and the request keeps its whole context.
+        :func:`curdkv.vllm.request_options` checks them before they are sent.
+        """
         where = f"SamplingParams.extra_args[{EXTRA_ARGS_KEY!r}]"
         params = getattr(request, "sampling_params", None)
         options = (getattr(params, "extra_args", None) or {}).get(EXTRA_ARGS_KEY, {})
         if options is False:
             return  # this request asked for no compression
-        spec = self.spec if not options else spec_from_mapping(options, where, self.spec, REQUEST_KEYS)
-        context = context_tokens_from(options or {}, where, request.num_prompt_tokens)
-        press = self.press(spec)
         try:
+            if not isinstance(options, dict):
+                raise ValueError(f"{where} must be a dict with keys from {list(REQUEST_KEYS)} or False, got {options!r}")
+            spec = self.spec if not options else spec_from_mapping(
+                {k: v for k, v in options.items() if k != "context_tokens"}, where, self.spec, REQUEST_KEYS)
+            context = context_tokens_from(options or {}, where, request.num_prompt_tokens)
+            press = self.press(spec)
             press.check_context(context)
         except ValueError as error:
             logger.warning("curdkv: request %s keeps its whole context: %s", request.request_id, error)
