@@ -11,7 +11,8 @@ import torch  # noqa: E402
 import curdkv  # noqa: E402
 import curdkv.vllm  # noqa: E402
 from curdkv.runtime.layer import select_tokens  # noqa: E402
-from curdkv.vllm.compaction import CompressOrder, compact_layer  # noqa: E402
+from curdkv.vllm.compaction import compact_layer
+from curdkv.vllm.metadata import CompressOrder  # noqa: E402
 from curdkv.vllm.config import CompressionSpec  # noqa: E402
 from curdkv.vllm.paged import RegionLayout, slots_of, write_tokens  # noqa: E402
 

@@ -13,39 +13,12 @@ makes: the press's scores, then :func:`curdkv.runtime.layer.select_tokens`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..presses import Press
 from ..runtime.layer import select_tokens
-from .config import CompressionSpec
+from .metadata import CompressOrder
 from .paged import RegionLayout, slots_of, write_tokens
-
-
-@dataclass(frozen=True)
-class CompressOrder:
-    """What the scheduler asks a worker to compress after this step's forward pass.
-
-    context_tokens: the prompt's first tokens, scored and cut to ``kept`` per head.
-    kv_tokens: tokens whose keys and values are held once this step ran (context + tail).
-    block_ids: the request's blocks before compaction, in order; the first
-        ``ceil((kept + tail) / block_size)`` keep the compacted tokens.
-    """
-
-    req_id: str
-    spec: CompressionSpec
-    context_tokens: int
-    kv_tokens: int
-    kept: int
-    block_ids: tuple[int, ...]
-
-    @property
-    def tail_tokens(self) -> int:
-        return self.kv_tokens - self.context_tokens
-
-    def blocks_kept(self, block_size: int) -> int:
-        return -(-(self.kept + self.tail_tokens) // block_size)
 
 
 @torch.no_grad()

@@ -25,18 +25,17 @@ must be off: compressed blocks hold a different content than their hash says.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from vllm.logger import init_logger
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
-    KVConnectorMetadata,
     KVConnectorRole,
 )
 
 from . import patches
-from .compaction import CompressOrder, compact_layer
+from .compaction import compact_layer
 from .config import (
     EXTRA_ARGS_KEY,
     REQUEST_KEYS,
@@ -44,18 +43,11 @@ from .config import (
     context_tokens_from,
     spec_from_mapping,
 )
-from .model_check import check_engine, check_attention_layers
+from .metadata import CompressOrder, CurDKVMetadata
+from .model_check import check_attention_layers, check_engine
 from .paged import RegionLayout
 
 logger = init_logger(__name__)
-
-
-@dataclass
-class CurDKVMetadata(KVConnectorMetadata):
-    """One step's orders: the evicted count of every scheduled compressed request, and what to compress."""
-
-    evicted: dict[str, int] = field(default_factory=dict)
-    orders: list[CompressOrder] = field(default_factory=list)
 
 
 @dataclass

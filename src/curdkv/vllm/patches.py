@@ -95,7 +95,7 @@ def patch_prepare_inputs() -> None:
     from vllm.distributed.kv_transfer import get_kv_transfer_group
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from .connector import CurDKVMetadata
+    from .metadata import CurDKVMetadata
 
     original = GPUModelRunner._prepare_inputs
 
