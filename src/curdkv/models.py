@@ -252,6 +252,34 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
     return AutoTokenizer.from_pretrained(source, **kwargs)
 
 
+def hf_directory(name: str = DEFAULT_MODEL, dtype: str = "float32") -> Path:
+    """A bundled model as a plain Hugging Face directory (weights, config, tokenizer), written once.
+
+    Engines that load HF directories and not GGUF files (vLLM) read this. The
+    GGUF weights are dequantized by transformers and saved in ``dtype`` under
+    :func:`cache_dir` ``/ name / hf-<dtype>``; a finished directory is reused.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name not in BUNDLED:
+        raise ValueError(f"name must be one of {sorted(BUNDLED)}, got {name!r}")
+    target = cache_dir() / name / f"hf-{dtype}"
+    if (target / "config.json").exists() and (target / "tokenizer.json").exists():
+        return target
+    source, kwargs = _source(name)
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=_resolve_dtype(dtype, "cpu"), **kwargs)
+    # Dequantized weights are plain tensors: drop the GGUF quantizer, which refuses to save.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = target.with_name(target.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)
+    return target
+
+
 def _spread(model):
     """Place a model over the visible GPUs with accelerate (``device="auto"``), decoder layers kept whole."""
     from accelerate import dispatch_model, infer_auto_device_map

@@ -1,0 +1,105 @@
+"""What to compress with, checked before an engine serves anything.
+
+Engine-wide settings come from ``kv_transfer_config.kv_connector_extra_config``
+(vLLM 0.32's one place for a connector's own options, also reachable from
+``vllm serve --kv-transfer-config``); a request may override them through
+``SamplingParams.extra_args["curdkv"]``. Every bad value raises a
+``ValueError`` that names the parameter and what it may be.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..presses import PRESSES, Press, get_press
+from ..runtime.layer import layer_scores
+
+# The keys of kv_connector_extra_config and of SamplingParams.extra_args["curdkv"].
+ENGINE_KEYS = ("press", "compression_ratio", "press_options")
+REQUEST_KEYS = ENGINE_KEYS + ("context_tokens",)
+EXTRA_ARGS_KEY = "curdkv"
+
+
+@dataclass(frozen=True)
+class CompressionSpec:
+    """A press by registry name, its ratio and other constructor options: what a worker builds a press from."""
+
+    press: str = "curdkv"
+    compression_ratio: float = 0.0
+    press_options: tuple[tuple[str, object], ...] = ()
+
+    def build(self) -> Press:
+        return get_press(self.press, self.compression_ratio, **dict(self.press_options))
+
+
+def spec_from_mapping(mapping, where: str, base: CompressionSpec | None = None,
+                      allowed: tuple[str, ...] = ENGINE_KEYS) -> CompressionSpec:
+    """A checked :class:`CompressionSpec` from engine or request settings (``base`` fills what is missing)."""
+    if not isinstance(mapping, dict):
+        raise ValueError(f"{where} must be a dict with keys from {list(allowed)}, got {mapping!r}")
+    unknown = sorted(set(mapping) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {unknown}; allowed: {list(allowed)}")
+    base = base or CompressionSpec()
+    press = mapping.get("press", base.press)
+    if not isinstance(press, str) or press.split(":")[0].lower() not in PRESSES:
+        raise ValueError(f"{where}['press'] must be one of {sorted(PRESSES)} (optionally with :option=value), "
+                         f"got {press!r}")
+    ratio = mapping.get("compression_ratio", base.compression_ratio)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"{where}['compression_ratio'] must be a float in [0, 1), got {ratio!r}")
+    options = mapping.get("press_options", dict(base.press_options))
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise ValueError(f"{where}['press_options'] must be a dict of press constructor arguments, got {options!r}")
+    spec = CompressionSpec(press, float(ratio), tuple(sorted(options.items())))
+    check_supported(spec.build(), where)
+    return spec
+
+
+def context_tokens_from(mapping, where: str, prompt_tokens: int) -> int:
+    """The request's ``context_tokens`` (the prompt's first tokens compressed before the rest is prefilled)."""
+    value = mapping.get("context_tokens", prompt_tokens) if isinstance(mapping, dict) else prompt_tokens
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= prompt_tokens:
+        raise ValueError(f"{where}['context_tokens'] must be an integer in [1, {prompt_tokens}] "
+                         f"(the prompt's length), got {value!r}")
+    return value
+
+
+def unsupported_reasons(press: Press) -> list[str]:
+    """Why the paged cache cannot serve ``press`` (empty: it can). It must keep the same count of tokens per
+    head at every layer and score from keys and values alone: vLLM keeps no queries or attention modules for it."""
+    reasons = []
+    if press.head_adaptive:
+        reasons.append("its heads keep different counts (head-adaptive)")
+    if press.query_window:
+        reasons.append(f"it reads the last {press.query_window} queries")
+    if press.needs_full_prefill or press.lookahead_tokens or press.reconstructs_context:
+        reasons.append("it needs the whole prefill, lookahead decoding or reconstruction passes")
+    if press.calibrates:
+        reasons.append("it chooses its ratio from the context's likelihood")
+    if len({press.layer_keep(1000, i, 32) for i in range(32)}) > 1:
+        reasons.append("its layers keep different counts")
+    if reasons:
+        return reasons
+    try:  # module=None: a press that reads the attention module (RoPE, W_o) fails here, not mid-serving
+        gen = torch.Generator().manual_seed(0)
+        keys, values = torch.randn(2, 1, 2, 64, 16, generator=gen)
+        if not bool(torch.isfinite(layer_scores(press, keys, values, None, None, 0)).all()):
+            reasons.append("it returned non-finite scores on a test layer")
+    except Exception as error:  # noqa: BLE001 - any failure means this press cannot run here
+        reasons.append(f"scoring without queries or the attention module failed ({error})")
+    return reasons
+
+
+def check_supported(press: Press, where: str) -> None:
+    reasons = unsupported_reasons(press)
+    if reasons:
+        raise ValueError(f"{where}['press']={press.name!r} cannot run inside vLLM: " + "; ".join(reasons)
+                         + f". Supported presses: {supported_presses()}")
+
+
+def supported_presses() -> list[str]:
+    """Registry names of the presses vLLM can run (checked at ratio 0.5 with default options)."""
+    return [name for name in sorted(PRESSES) if not unsupported_reasons(get_press(name, 0.5))]
