@@ -350,3 +350,33 @@ def test_leverage_mass_budgets_differ_by_layer_and_keep_the_ratio_on_average():
     assert sum(lengths) == 2 * uniform.layers[0].keys.shape[2] == 2 * 36
     with pytest.raises(ValueError, match="layer_budget must be one of"):
         curdkv.get_press("curdkv:layer_budget=global", 0.5)
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_pooled_scores_are_the_neighbourhood_of_each_token_renormalised(pooling):
+    keys, values = make_states(40, 8, seed=5)
+    plain = CurDKVPress(0.5).score(view_of(keys, values))
+    pooled = CurDKVPress(0.5, pool_kernel=5, pooling=pooling).score(view_of(keys, values))
+    # The slow obvious pooling: each token's window of 5, cut at the edges.
+    ref = torch.empty_like(plain)
+    for t in range(40):
+        window = plain[..., max(0, t - 2) : t + 3]
+        ref[..., t] = window.amax(-1) if pooling == "max" else window.mean(-1)
+    close(pooled, ref / ref.sum(-1, keepdim=True), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="pool_kernel must be odd"):
+        CurDKVPress(0.5, pool_kernel=4)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        CurDKVPress(0.5, pool_kernel=3, pooling="median")
+
+
+def test_max_pooling_keeps_the_neighbours_of_a_high_leverage_token():
+    keys, values = make_states(60, 8, seed=1)
+    keys[:, :, 30] *= 40  # one key far out: the top leverage of every head
+    values[:, :, 30] *= 40
+    kept = compress_states(CurDKVPress(0.8, num_sinks=0, pool_kernel=5), keys, values, None, None, 0)[0]
+    assert kept.shape[2] == 12
+    # Every head keeps tokens 28..32 as whole keys: find them among the kept keys.
+    for b in range(keys.shape[0]):
+        for h in range(keys.shape[1]):
+            for t in range(28, 33):
+                assert (kept[b, h] == keys[b, h, t]).all(-1).any()

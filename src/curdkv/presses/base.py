@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..selection import check_budget, kept_count
@@ -68,6 +69,23 @@ ALL_QUERIES = 1 << 40
 def check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {sorted(allowed)!r}, got {value!r}")
+
+
+def pool_scores(scores: torch.Tensor, pooling: str | None, kernel_size: int) -> torch.Tensor:
+    """Smooth ``[..., L]`` scores along the tokens (SnapKV-style clustering), shape kept.
+
+    ``pooling``: ``"max"`` (a token takes its neighbourhood's best score), ``"avg"`` (the mean,
+    edges averaged over the tokens there), or ``None``; ``kernel_size`` is odd.
+    """
+    if pooling is None or kernel_size == 1:
+        return scores
+    flat = scores.reshape(-1, 1, scores.shape[-1])
+    pad = kernel_size // 2
+    if pooling == "max":
+        out = F.max_pool1d(flat, kernel_size, stride=1, padding=pad)
+    else:
+        out = F.avg_pool1d(flat, kernel_size, stride=1, padding=pad, count_include_pad=False)
+    return out.view_as(scores)
 
 
 def check_odd_kernel(name: str, value) -> None:

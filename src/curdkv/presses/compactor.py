@@ -10,10 +10,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..kernels.leverage import whitening
-from .base import ALL_QUERIES, Press, ScoringView, check_choice, check_float, check_int
+from .base import ALL_QUERIES, Press, ScoringView, check_choice, check_float, check_int, check_odd_kernel, pool_scores
 from .calibration import CalibrationCurve, calibrated_ratio
 from .rope import unrotate
 
@@ -233,9 +232,7 @@ class CompactorPress(Press):
         check_int("num_sinks", self.num_sinks, 0)
         check_int("num_recent", self.num_recent, 0)
         _check_bool("value_weighting", self.value_weighting)
-        check_int("pool_kernel", self.pool_kernel, 1)
-        if self.pool_kernel % 2 == 0:
-            raise ValueError(f"pool_kernel must be odd so pooling keeps positions aligned, got {self.pool_kernel}")
+        check_odd_kernel("pool_kernel", self.pool_kernel)
         check_choice("logit_scale", self.logit_scale, LOGIT_SCALES)
         check_choice("normalization", self.normalization, NORMALIZATIONS)
         check_int("seed", self.seed, 0)
@@ -305,10 +302,7 @@ class CompactorPress(Press):
         scores = non_causal_chunked_attention(queries, view.keys[:, :, start:stop], self.chunk_size, scaling)
         if self.value_weighting:
             scores = scores * view.values[:, :, start:stop].float().norm(dim=-1)
-        if self.pool_kernel > 1:
-            pad = self.pool_kernel // 2
-            scores = F.avg_pool1d(scores, self.pool_kernel, stride=1, padding=pad, count_include_pad=False)
-        return scores
+        return pool_scores(scores, "avg", self.pool_kernel)
 
     def score(self, view: ScoringView) -> torch.Tensor:
         if view.positions is not None:

@@ -14,7 +14,7 @@ from ..kernels.leverage import (
     whitening,
 )
 from ..selection import check_budget, kept_count, shared_threshold_keeps
-from .base import Press, ScoringView, check_choice, check_float, check_int
+from .base import Press, ScoringView, check_choice, check_float, check_int, check_odd_kernel, pool_scores
 from .rope import unrotate
 
 LEVERAGES = ("kv_product", "key", "value", "kv_avg")
@@ -22,6 +22,7 @@ ESTIMATORS = ("projection", "exact")
 KEY_SPACES = ("post_rope", "pre_rope")
 ROW_SPACES = ("keys", "window_queries")
 LAYER_BUDGETS = ("uniform", "leverage_mass")
+POOLINGS = ("max", "avg")
 DEFAULT_RIDGE = 1e-6
 
 
@@ -188,6 +189,11 @@ class CurDKVPress(Press):
       over many tokens gets more of the budget than one where a few tokens
       hold it. It needs every layer's scores first, so the layers are cut
       after the prefill (``needs_full_prefill``).
+    - ``pool_kernel`` (odd, 1: none) and ``pooling`` (``"max"`` or
+      ``"avg"``): the normalised scores pooled over that many neighbouring
+      tokens and normalised again, as SnapKV pools its attention, so that a
+      kept token keeps the tokens around it (a needle's digits, a key's
+      whole UUID) rather than fragments.
 
     Implementation notes: the exact estimator scales columns to unit norm
     and adds a ridge of 1e-6 (finite on rank-deficient heads); on CUDA with
@@ -217,6 +223,8 @@ class CurDKVPress(Press):
     row_space: str = "keys"
     window: int = 64
     layer_budget: str = "uniform"
+    pool_kernel: int = 1
+    pooling: str = "max"
 
     scores_comparable_across_heads = True
 
@@ -236,6 +244,8 @@ class CurDKVPress(Press):
         check_choice("row_space", self.row_space, ROW_SPACES)
         check_int("window", self.window, 1)
         check_choice("layer_budget", self.layer_budget, LAYER_BUDGETS)
+        check_odd_kernel("pool_kernel", self.pool_kernel)
+        check_choice("pooling", self.pooling, POOLINGS)
         if self.row_space == "window_queries" and self.rank is None:
             raise ValueError("row_space='window_queries' needs rank (the query directions kept); every direction "
                              "would only rotate the keys, which leaves leverage as it is")
@@ -324,7 +334,14 @@ class CurDKVPress(Press):
         return self._projection_terms[key]
 
     def score(self, view: ScoringView) -> torch.Tensor:
-        lk, lv = self.leverages(view)
+        scores = self.combined(*self.leverages(view))
+        if self.pool_kernel == 1:
+            return scores
+        # Pooled scores are normalised again: AdaCurDKV compares them across heads as distributions.
+        return normalise(pool_scores(scores, self.pooling, self.pool_kernel), self.local_window)
+
+    def combined(self, lk: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
+        """Key and value leverage combined as ``leverage`` says, normalised."""
         if self.leverage == "key":
             return normalise(lk, self.local_window)
         if self.leverage == "value":

@@ -6,10 +6,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..selection import check_alpha, check_budget, kept_count
-from .base import ScoringView, check_odd_kernel
+from .base import ScoringView, check_odd_kernel, pool_scores
 from .window import WindowPress, window_attention_mean
 
 
@@ -22,7 +21,7 @@ def lava_scores(view: ScoringView, window: int, kernel_size: int) -> torch.Tenso
     """
     n = view.seq_len
     attn = window_attention_mean(view, window)  # [B, H, N - W]
-    pooled = F.max_pool1d(attn, kernel_size, stride=1, padding=kernel_size // 2)
+    pooled = pool_scores(attn, "max", kernel_size)
     b, h = pooled.shape[:2]
     h_kv = view.num_kv_heads
     v_bound = view.values[:, :, : n - window].float().abs().sum(-1).amax(-1)  # [B, H_kv]

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from .base import Press, ScoringView, check_int, check_odd_kernel
+from .base import Press, ScoringView, check_int, check_odd_kernel, pool_scores
 from .snapkv import SnapKVPress
 
 TEMPORARY_WINDOW = 32
@@ -107,8 +106,7 @@ class LookaheadQCachePress(Press):
         if n <= w:
             raise ValueError(f"Lookahead Q-Cache needs a context longer than window_size={w}, got {n} tokens")
         attn = lookahead_attention(view, w, self.lookahead_tokens)[..., : n - w].sum(2)  # [B, H, N - W]
-        pad = self.kernel_size // 2
-        pooled = F.max_pool1d(attn, self.kernel_size, stride=1, padding=pad)
+        pooled = pool_scores(attn, "max", self.kernel_size)
         b, h = pooled.shape[:2]
         h_kv = view.num_kv_heads
         per_kv = pooled.view(b, h_kv, h // h_kv, n - w).mean(2)

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from .base import ScoringView, check_choice, check_odd_kernel
+from .base import ScoringView, check_choice, check_odd_kernel, pool_scores
 from .window import WindowPress, window_hidden, window_logits
 
 SALIENCIES = ("value", "key", "joint")
@@ -59,19 +58,6 @@ def output_errors(saliency: str, attn: torch.Tensor, logits: torch.Tensor, value
         inner = voc.neg_().add_(vc_sq).add_(c_vc).sub_(c_oc)
         err = err.add_(v_sq).add_(inner.mul_(logits).mul_(2.0)).clamp_min_(0.0)
     return err.mul_(a_sq).sum(-2)
-
-
-def pool_scores(scores: torch.Tensor, pooling: str | None, kernel_size: int) -> torch.Tensor:
-    """Smooth ``[..., L]`` scores along the tokens (SnapKV-style clustering), shape kept."""
-    if pooling is None or kernel_size == 1:
-        return scores
-    flat = scores.reshape(-1, 1, scores.shape[-1])
-    pad = kernel_size // 2
-    if pooling == "max":
-        out = F.max_pool1d(flat, kernel_size, stride=1, padding=pad)
-    else:
-        out = F.avg_pool1d(flat, kernel_size, stride=1, padding=pad, count_include_pad=False)
-    return out.view_as(scores)
 
 
 @dataclass

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from .base import ScoringView, check_odd_kernel
+from .base import ScoringView, check_odd_kernel, pool_scores
 from .window import WindowPress, window_attention_mean
 
 
@@ -42,8 +41,7 @@ class SnapKVPress(WindowPress):
     def score(self, view: ScoringView) -> torch.Tensor:
         n, w = self.window_bounds(view)
         attn = window_attention_mean(view, w)  # [B, H, N - W]
-        pad = self.kernel_size // 2
-        pooled = F.avg_pool1d(attn, self.kernel_size, stride=1, padding=pad, count_include_pad=False)
+        pooled = pool_scores(attn, "avg", self.kernel_size)
         b, h = pooled.shape[:2]
         h_kv = view.num_kv_heads
         return self.with_window(pooled.view(b, h_kv, h // h_kv, n - w).mean(2))
