@@ -380,3 +380,53 @@ def test_max_pooling_keeps_the_neighbours_of_a_high_leverage_token():
         for h in range(keys.shape[1]):
             for t in range(28, 33):
                 assert (kept[b, h] == keys[b, h, t]).all(-1).any()
+
+
+def test_key_leverage_in_the_reconstruction_queries_directions():
+    """The Gram gathered over the passes' queries of a known span: leverage in that span, as for window queries."""
+    from curdkv.presses.curdkv import subspace_leverage
+
+    g = torch.Generator().manual_seed(8)
+    basis, _ = torch.linalg.qr(torch.randn(16, 3, generator=g, dtype=torch.float64))
+    keys, values = torch.randn(1, 2, 50, 16, generator=g), torch.randn(1, 2, 50, 16, generator=g)
+    press = CurDKVPress(0.5, row_space="reconstruction_queries", rank=3)
+    assert press.reconstructs_context and press.needs_full_prefill and press.query_window == 0
+    state = press.reconstruction_state(1, 2, 50, 16, keys.device)
+    for start in (0, 25):  # two chunks' passes, each of 12 queries per head
+        queries = (torch.randn(1, 4, 12, 3, generator=g, dtype=torch.float64) @ basis.T).float()
+        press.absorb_chunk(state, queries, keys[:, :, :0], keys[:, :, start : start + 25], keys[:, :, :12], start, 0.25)
+    view = ScoringView(keys=keys, values=values, queries=None, module=None, layer_idx=0, reconstruction=state)
+    lk, _ = press.leverages(view)
+    torch.testing.assert_close(lk, subspace_leverage(keys.double() @ basis), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="the view has none"):
+        press.score(ScoringView(keys=keys, values=values, queries=None, module=None, layer_idx=0))
+    with pytest.raises(ValueError, match="needs rank"):
+        CurDKVPress(0.5, row_space="reconstruction_queries")
+    with pytest.raises(ValueError, match="key_space must be 'post_rope'"):
+        CurDKVPress(0.5, row_space="reconstruction_queries", rank=3, key_space="pre_rope")
+
+
+@pytest.mark.parametrize("spec", ["curdkv:row_space=reconstruction_queries:rank=8",
+                                  "adacurdkv:row_space=reconstruction_queries:rank=8"])
+def test_reconstruction_row_space_keeps_the_same_tokens_in_both_paths(spec):
+    import curdkv
+    from conftest import tiny_model
+    from curdkv.cache.ragged import RaggedLayer
+    from test_context import ByteTokenizer, _text
+
+    model, tokenizer = tiny_model("tiny-llama"), ByteTokenizer()
+    text = _text(120, 5)
+    press = curdkv.get_press(spec, 0.6)
+    swept = curdkv.CompressedContext.from_capture(model, tokenizer, curdkv.capture_prefill(model, text, tokenizer),
+                                                  press)
+    alone = curdkv.prefill(model, tokenizer, text, press)
+    plain = curdkv.prefill(model, tokenizer, text, curdkv.get_press(spec.split(":")[0], 0.6))
+    def kept(layer):  # a head-adaptive press's ragged layer holds its context in context_keys
+        return layer.context_keys if isinstance(layer, RaggedLayer) else layer.keys
+
+    for a, b in zip(swept.cache.layers, alone.cache.layers):
+        assert torch.equal(kept(a), kept(b))
+    # The reconstruction's directions change which keys are kept.
+    assert any(kept(a).shape != kept(b).shape or not torch.equal(kept(a), kept(b))
+               for a, b in zip(alone.cache.layers, plain.cache.layers))
+    assert alone.ask("what?", 4) == swept.ask("what?", 4)

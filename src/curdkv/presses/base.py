@@ -32,9 +32,10 @@ class ScoringView:
     positions: ``[B, H_kv, N]`` RoPE positions of the cached tokens, or
         ``None`` when they are ``0 .. N-1`` (a first prefill). Compression during
         decoding scores caches whose earlier tokens were already evicted.
-    reconstruction: ``[B, H_kv, N]`` what the press's :meth:`Press.chunk_scores`
-        gave while the model reconstructed the context, for presses with
-        ``reconstructs_context`` (KVzip); else ``None``.
+    reconstruction: what the press gathered (:meth:`Press.absorb_chunk`) while
+        the model reconstructed the context, for presses with
+        ``reconstructs_context``: KVzip's scores ``[B, H_kv, N]``, CurDKV's query
+        Gram ``[B, H_kv, D, D]``; else ``None``.
     """
 
     keys: torch.Tensor
@@ -165,9 +166,30 @@ class Press:
     needs_full_prefill = False
 
     # Set by presses scored while the model reconstructs the context from a prompt (KVzip):
-    # the runtime runs those passes (:mod:`curdkv.runtime.reconstruction`) and hands the press's
-    # chunk scores over as ``ScoringView.reconstruction``.
+    # the runtime runs those passes (:mod:`curdkv.runtime.reconstruction`) in the chunks of
+    # :meth:`reconstruction_chunking` and hands what the press gathered from them over as
+    # ``ScoringView.reconstruction``.
     reconstructs_context = False
+
+    def reconstruction_chunking(self) -> tuple[int, int]:
+        """``(chunk_size, previous_tail)``: the context is reconstructed ``chunk_size`` tokens at a time,
+        each pass prompted with the previous chunk's last ``previous_tail`` tokens (KVzip's 2048 and 8)."""
+        return 2048, 8
+
+    def reconstruction_state(self, batch: int, kv_heads: int, seq_len: int, head_dim: int,
+                             device: torch.device) -> torch.Tensor:
+        """What one layer gathers over the reconstruction passes, before the first (zeros)."""
+        raise NotImplementedError(f"press {self.name!r} does not reconstruct the context")
+
+    def absorb_chunk(self, state: torch.Tensor, queries: torch.Tensor, sink_keys: torch.Tensor,
+                     chunk_keys: torch.Tensor, own_keys: torch.Tensor, start: int, scaling: float) -> None:
+        """Gather, into ``state`` in place, one layer's part of the pass over the chunk at ``start``.
+
+        ``queries`` ``[B, H, q, D]``: the pass's post-RoPE queries;
+        ``sink_keys``, ``chunk_keys``: the cached keys of the sinks and of the chunk;
+        ``own_keys``: the pass's own keys.
+        """
+        raise NotImplementedError(f"press {self.name!r} does not reconstruct the context")
 
     @property
     def lookahead_tokens(self) -> int:
@@ -267,6 +289,15 @@ class WrapperPress(Press):
 
     def calibrated_ratio(self, context_nll, tolerance: float) -> float:
         return self.press.calibrated_ratio(context_nll, tolerance)
+
+    def reconstruction_chunking(self) -> tuple[int, int]:
+        return self.press.reconstruction_chunking()
+
+    def reconstruction_state(self, *args) -> torch.Tensor:
+        return self.press.reconstruction_state(*args)
+
+    def absorb_chunk(self, *args) -> None:
+        self.press.absorb_chunk(*args)
 
 
 def _delegated(trait: str) -> property:

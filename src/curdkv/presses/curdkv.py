@@ -20,7 +20,8 @@ from .rope import unrotate
 LEVERAGES = ("kv_product", "key", "value", "kv_avg")
 ESTIMATORS = ("projection", "exact")
 KEY_SPACES = ("post_rope", "pre_rope")
-ROW_SPACES = ("keys", "window_queries")
+ROW_SPACES = ("keys", "window_queries", "reconstruction_queries")
+QUERY_ROW_SPACES = ("window_queries", "reconstruction_queries")
 LAYER_BUDGETS = ("uniform", "leverage_mass")
 POOLINGS = ("max", "avg")
 DEFAULT_RIDGE = 1e-6
@@ -92,11 +93,20 @@ def project_on_queries(keys: torch.Tensor, queries: torch.Tensor | None, rank: i
         raise ValueError("row_space='window_queries' reads the window's queries; the view has none")
     if key_space == "pre_rope":
         queries = unrotate(queries, module, start=seq_len - queries.shape[2])
+    return project_on_gram(keys, query_gram(queries, keys.shape[1]), rank)
+
+
+def query_gram(queries: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``Σ q qᵀ`` over the queries ``[B, H, q, D]`` of each GQA group, float64 ``[B, H_kv, D, D]``."""
     b, h, w, d = queries.shape
-    h_kv = keys.shape[1]
-    q = queries.double().reshape(b, h_kv, (h // h_kv) * w, d)
-    _, evecs = torch.linalg.eigh(q.transpose(-1, -2) @ q)
-    return keys @ evecs[..., -rank:]
+    q = queries.double().reshape(b, kv_heads, (h // kv_heads) * w, d)
+    return q.transpose(-1, -2) @ q
+
+
+def project_on_gram(keys: torch.Tensor, gram: torch.Tensor, rank: int) -> torch.Tensor:
+    """``keys [B, H_kv, N, D]`` in the ``rank`` leading eigenvectors of ``gram [B, H_kv, D, D]``."""
+    _, evecs = torch.linalg.eigh(gram)
+    return keys.to(evecs.dtype) @ evecs[..., -rank:]
 
 
 def exact_leverages(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +189,10 @@ class CurDKVPress(Press):
       measures key leverage in the ``rank`` leading directions of the last
       ``window`` queries of the key's GQA group instead (the directions
       attention reads keys along, which softmax(QKᵀ)V's dominant subspace is
-      made of). Any of them takes the float64 route of
+      made of); ``row_space="reconstruction_queries"`` takes the
+      directions from the queries of KVzip's passes that ask the model to
+      repeat its context (:mod:`curdkv.runtime.reconstruction`, about two
+      more prefills, so not a single-pass press). Any of them takes the float64 route of
       :func:`subspace_leverage` (exact estimator only).
     - ``layer_budget="leverage_mass"``: layers get different budgets (the
       model's mean stays the ratio's): every head's scores are a
@@ -246,9 +259,12 @@ class CurDKVPress(Press):
         check_choice("layer_budget", self.layer_budget, LAYER_BUDGETS)
         check_odd_kernel("pool_kernel", self.pool_kernel)
         check_choice("pooling", self.pooling, POOLINGS)
-        if self.row_space == "window_queries" and self.rank is None:
-            raise ValueError("row_space='window_queries' needs rank (the query directions kept); every direction "
+        if self.row_space in QUERY_ROW_SPACES and self.rank is None:
+            raise ValueError(f"row_space={self.row_space!r} needs rank (the query directions kept); every direction "
                              "would only rotate the keys, which leaves leverage as it is")
+        if self.row_space == "reconstruction_queries" and self.key_space != "post_rope":
+            raise ValueError("row_space='reconstruction_queries' gathers post-RoPE queries at positions after the "
+                             "context; key_space must be 'post_rope'")
         if self.studied and self.estimator != "exact":
             raise ValueError("key_space, centre, ridge and rank apply to the exact estimator; "
                              f"estimator={self.estimator!r} takes none of them")
@@ -287,8 +303,18 @@ class CurDKVPress(Press):
 
     @property
     def needs_full_prefill(self) -> bool:
-        # Budgets across layers need every layer's scores first.
-        return self.layer_budget != "uniform"
+        # Budgets across layers need every layer's scores first; reconstruction runs after the prefill.
+        return self.layer_budget != "uniform" or self.reconstructs_context
+
+    @property
+    def reconstructs_context(self) -> bool:
+        return self.row_space == "reconstruction_queries"
+
+    def reconstruction_state(self, batch, kv_heads, seq_len, head_dim, device) -> torch.Tensor:
+        return torch.zeros(batch, kv_heads, head_dim, head_dim, dtype=torch.float64, device=device)
+
+    def absorb_chunk(self, state, queries, sink_keys, chunk_keys, own_keys, start, scaling) -> None:
+        state += query_gram(queries, state.shape[1])
 
     def layer_keeps(self, scores: list[torch.Tensor], seq_len: int) -> list[int]:
         if self.layer_budget == "uniform":
@@ -308,6 +334,13 @@ class CurDKVPress(Press):
             if self.row_space == "window_queries":
                 keys = project_on_queries(keys.double(), view.queries, self.rank, self.key_space, view.module,
                                           view.seq_len)
+                return subspace_leverage(keys, self.ridge, None, self.centre), lv
+            if self.row_space == "reconstruction_queries":
+                if view.reconstruction is None:
+                    raise ValueError("row_space='reconstruction_queries' reads the queries of the context's "
+                                     "reconstruction, which the runtime runs (curdkv.compress with a tokenizer, "
+                                     "curdkv.capture_prefill with text and its tokenizer); the view has none")
+                keys = project_on_gram(keys.double(), view.reconstruction, self.rank)
                 return subspace_leverage(keys, self.ridge, None, self.centre), lv
             return subspace_leverage(keys, self.ridge, self.rank, self.centre), lv
         if self.estimator == "exact":

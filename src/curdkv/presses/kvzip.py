@@ -100,6 +100,16 @@ class KVzipPress(Press):
         probs = logits.softmax(dim=-1)[..., s : s + c]
         return probs.amax(dim=(2, 3))
 
+    def reconstruction_chunking(self) -> tuple[int, int]:
+        return self.chunk_size, self.previous_tail
+
+    def reconstruction_state(self, batch, kv_heads, seq_len, head_dim, device) -> torch.Tensor:
+        return torch.zeros(batch, kv_heads, seq_len, dtype=torch.float32, device=device)
+
+    def absorb_chunk(self, state, queries, sink_keys, chunk_keys, own_keys, start, scaling) -> None:
+        state[:, :, start : start + chunk_keys.shape[2]] = self.chunk_scores(queries, sink_keys, chunk_keys,
+                                                                             own_keys, scaling)
+
     def score(self, view: ScoringView) -> torch.Tensor:
         if view.reconstruction is None:
             raise ValueError(

@@ -3,10 +3,11 @@
 After the prefill, the model reads, chunk by chunk, a prompt asking it to
 repeat the context followed by the chunk itself (teacher-forced), over the
 full cache. Each pass's queries are recorded by curdkv's attention function
-and handed, layer by layer, to the press's ``chunk_scores`` with the cached
+and handed, layer by layer, to the press's ``absorb_chunk`` with the cached
 keys of the sinks and the chunk and the pass's own keys; then the pass is
-dropped from the cache. The press never runs the model: it only says how
-one chunk is scored.
+dropped from the cache. The press never runs the model: it only says what
+it gathers from one chunk (KVzip: the chunk's scores; CurDKV: the Gram of the
+queries).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 from ..attention.function import using_curdkv_attention
 from ..attention.recording import QueryRecorder, recording_queries
 from ..models import chat_parts
-from ..presses.kvzip import FIRST_PROMPT, LATER_PROMPT, KVzipPress
+from ..presses.base import Press
+from ..presses.kvzip import FIRST_PROMPT, LATER_PROMPT
 from ..transformers_compat import forward_with_cache
 
 
@@ -25,8 +27,8 @@ def _encode(tokenizer, text: str, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reconstruction_scores(capture, press: KVzipPress) -> list[torch.Tensor]:
-    """Per layer, the press's scores ``[B, H_kv, N]`` from reconstructing the captured context.
+def reconstruction_scores(capture, press: Press) -> list[torch.Tensor]:
+    """Per layer, what the press gathered (:meth:`Press.absorb_chunk`) while the captured context was reconstructed.
 
     ``capture`` is a :class:`curdkv.runtime.capture.PrefillCapture` that kept
     its model, the context's token ids and the tokenizer.
@@ -45,25 +47,25 @@ def reconstruction_scores(capture, press: KVzipPress) -> list[torch.Tensor]:
     first_ids, later_ids = _encode(tokenizer, FIRST_PROMPT, device), _encode(tokenizer, LATER_PROMPT, device)
     cache = capture.build_cache(None)  # views of the captured keys: appending copies, the capture is untouched
     snapshot = cache.snapshot()
-    scores = [torch.zeros(b, k.shape[1], n, dtype=torch.float32, device=k.device) for k in capture.keys]
-    longest = max(first_ids.shape[1], later_ids.shape[1] + press.previous_tail) + suffix_ids.shape[1] + press.chunk_size
+    states = [press.reconstruction_state(b, k.shape[1], n, k.shape[-1], k.device) for k in capture.keys]
+    chunk_size, previous_tail = press.reconstruction_chunking()
+    longest = max(first_ids.shape[1], later_ids.shape[1] + previous_tail) + suffix_ids.shape[1] + chunk_size
     recorder = QueryRecorder(longest, rolling=True)
     with using_curdkv_attention(model), recording_queries(capture.modules, recorder):
-        for start in range(0, n, press.chunk_size):
-            end = min(start + press.chunk_size, n)
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
             prompt = first_ids if start == 0 else torch.cat(
-                [later_ids.expand(b, -1), ids[:, max(0, start - press.previous_tail) : start]], dim=1)
+                [later_ids.expand(b, -1), ids[:, max(0, start - previous_tail) : start]], dim=1)
             pass_ids = torch.cat([prompt.expand(b, -1), suffix_ids.expand(b, -1), ids[:, start:end]], dim=1)
             q = pass_ids.shape[1]
             recorder.queries.clear()
             positions = torch.arange(n, n + q, device=device)[None].expand(b, -1)
             forward_with_cache(model, cache, input_ids=pass_ids, position_ids=positions, use_cache=True,
                                logits_to_keep=1)
-            sinks = min(press.num_sinks, start)  # the first chunk holds the sinks itself
+            sinks = min(press.protected_sinks, start)  # the first chunk holds the sinks itself
             for i, (layer, module) in enumerate(zip(cache.layers, capture.modules)):
                 keys = layer.keys
-                scores[i][:, :, start:end] = press.chunk_scores(
-                    recorder.queries[i], keys[:, :, :sinks], keys[:, :, start:end], keys[:, :, n:],
-                    getattr(module, "scaling", keys.shape[-1] ** -0.5))
+                press.absorb_chunk(states[i], recorder.queries[i], keys[:, :, :sinks], keys[:, :, start:end],
+                                   keys[:, :, n:], start, getattr(module, "scaling", keys.shape[-1] ** -0.5))
             cache.restore(snapshot)
-    return scores
+    return states
