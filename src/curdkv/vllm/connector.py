@@ -24,6 +24,7 @@ must be off: compressed blocks hold a different content than their hash says.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +111,15 @@ class CurDKVConnector(KVConnectorBase_V1):
         if options is False:
             return  # this request asked for no compression
         try:
+            if isinstance(options, str):
+                # The OpenAI server's vllm_xargs holds no nested dicts (vLLM 0.32.0's CompletionRequest):
+                # there the options come as their JSON text.
+                try:
+                    options = json.loads(options)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{where} is a string but not JSON ({error})") from None
+                if options is False:
+                    return
             if not isinstance(options, dict):
                 raise ValueError(f"{where} must be a dict with keys from {list(REQUEST_KEYS)} or False, got {options!r}")
             spec = self.spec if not options else spec_from_mapping(
@@ -170,6 +180,13 @@ class CurDKVConnector(KVConnectorBase_V1):
         return False, None
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens):
+        # vLLM 0.32.0 asks this of each waiting request that holds no computed tokens, before allocate_slots:
+        # a new one, or one preempted (blocks freed, num_computed_tokens reset to 0) and now recomputed from
+        # its first token. Its eviction must be forgotten here, or the patched allocate_slots counts its
+        # blocks from a negative KV length; the recompute ends a chunk at the context and compresses again.
+        tracked = self._tracked.get(request.request_id)
+        if tracked is not None and tracked.evicted:
+            self._forget_compression(tracked)
         return 0, False  # nothing is ever loaded from outside
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens):
