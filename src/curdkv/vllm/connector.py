@@ -48,7 +48,9 @@ from .metadata import CompressOrder, CurDKVMetadata
 from .model_check import check_attention_layers, check_engine
 from .paged import RegionLayout
 
-logger = init_logger(__name__)
+# Under "vllm.": vLLM 0.32.0 configures handlers for its own logger tree only (vllm/logger.py), so a line
+# logged as "curdkv..." would not reach the engine's or the server's log.
+logger = init_logger("vllm.curdkv")
 
 
 @dataclass
