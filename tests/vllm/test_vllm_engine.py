@@ -8,7 +8,7 @@ pytest.importorskip("vllm.config", reason="needs vLLM (make test-vllm)")
 
 import curdkv  # noqa: E402
 import curdkv.vllm  # noqa: E402
-from conftest import close, free_blocks, make_llm, needle, scheduler_of  # noqa: E402
+from engine_setup import close, free_blocks, make_llm, model_dir, needle, scheduler_of  # noqa: E402,F401 (model_dir: a fixture)
 
 pytestmark = pytest.mark.real_model
 BLOCK = 128

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("vllm.config", reason="needs vLLM (make test-vllm)")
 
 import curdkv.vllm  # noqa: E402
-from conftest import close, free_blocks, make_llm, scheduler_of  # noqa: E402
+from engine_setup import close, free_blocks, make_llm, model_dir, scheduler_of  # noqa: E402,F401 (model_dir: a fixture)
 from test_vllm_engine import needle_prompt  # noqa: E402
 
 pytestmark = pytest.mark.real_model

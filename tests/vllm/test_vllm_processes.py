@@ -24,7 +24,7 @@ import pytest
 pytest.importorskip("vllm.config", reason="needs vLLM (make test-vllm)")
 
 import curdkv.vllm  # noqa: E402
-from conftest import ENGINE, close, make_llm  # noqa: E402
+from engine_setup import ENGINE, close, make_llm, model_dir  # noqa: E402,F401 (model_dir: a fixture)
 from test_vllm_engine import greedy, needle_prompt  # noqa: E402
 
 pytestmark = [pytest.mark.real_model,

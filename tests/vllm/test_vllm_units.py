@@ -10,6 +10,7 @@ import torch  # noqa: E402
 
 import curdkv  # noqa: E402
 import curdkv.vllm  # noqa: E402
+from engine_setup import model_dir  # noqa: E402,F401 (a fixture)
 from curdkv.runtime.layer import select_tokens  # noqa: E402
 from curdkv.vllm.compaction import compact_layer
 from curdkv.vllm.metadata import CompressOrder  # noqa: E402

