@@ -204,10 +204,8 @@ def _decode_ms(model, cache, first: torch.Tensor, position: int, settings: Bench
     always the eager step's kernels summed (what the cache size changes).
     """
     if graphs_possible(first.device):
-        wall = statistics.median(
-            replayed_seconds_per_token(model, cache, position, settings.decode_tokens)
-            for _ in range(settings.decode_repeats)
-        )
+        wall = replayed_seconds_per_token(model, cache, position, settings.decode_tokens,
+                                          repeats=settings.decode_repeats)
     else:
         decode_seconds_per_token(model, cache, first, position, 3)
         wall = statistics.median(

@@ -206,32 +206,38 @@ def decode_seconds_per_token(model, cache, first_token: torch.Tensor, position: 
     return seconds / steps
 
 
-def replayed_seconds_per_token(model, cache, position: int, steps: int, lean: bool | None = None) -> float:
+def replayed_seconds_per_token(model, cache, position: int, steps: int, lean: bool | None = None,
+                               repeats: int = 1) -> float:
     """Seconds per greedy step replayed as a CUDA graph (:class:`curdkv.runtime.graph_decode.GraphDecoder`).
 
     What ``ctx.ask`` runs on CUDA: ``cache`` (every row at context length
-    ``position``) gets a tail of ``steps + 2`` tokens, and the first step,
-    the capture and one replay are not timed. ``lean``: the decoder's choice
-    of step (``None``: the lean step where it applies).
+    ``position``) gets a tail for the steps, one graph is captured, and the
+    median over ``repeats`` runs of ``steps - 1`` replays is returned; the
+    first step, the capture and one replay are not timed. ``lean``: the
+    decoder's choice of step (``None``: the lean step where it applies).
     """
     if steps < 2:
         raise ValueError(f"steps must be at least 2 (one untimed replay, then the timed ones), got {steps}")
     rows = cache.layers[0].keys.shape[0]
     device = cache.layers[0].keys.device
-    fixed = FixedCapacityCache.from_cache(cache, steps + 2)
+    replays = 1 + repeats * (steps - 1)
+    fixed = FixedCapacityCache.from_cache(cache, replays + 2)
     token = torch.zeros(rows, dtype=torch.int64, device=device)
     no_end = torch.tensor([-1], device=device)  # no token id is -1: every step runs
+    times = []
     with using_curdkv_attention(model):
-        decoder = GraphDecoder(model, fixed, token, torch.full((rows,), position, device=device), no_end, steps + 1,
-                               lean=lean)
+        decoder = GraphDecoder(model, fixed, token, torch.full((rows,), position, device=device), no_end,
+                               replays + 1, lean=lean)
         decoder.start()
         decoder.graph.replay()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps - 1):
-            decoder.graph.replay()
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / (steps - 1)
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(steps - 1):
+                decoder.graph.replay()
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) / (steps - 1))
+    return statistics.median(times)
 
 
 def decode_gpu_seconds_per_token(model, cache, first_token: torch.Tensor, position: int, steps: int) -> float | None:

@@ -329,23 +329,25 @@ class CurDKVPress(Press):
             keys = view.keys
             if self.key_space == "pre_rope":
                 keys = unrotate(keys, view.module, positions=view.positions)
-            lv = subspace_leverage(view.values, self.ridge, None if self.row_space != "keys" else self.rank,
-                                   self.centre)
-            if self.row_space == "window_queries":
-                keys = project_on_queries(keys.double(), view.queries, self.rank, self.key_space, view.module,
-                                          view.seq_len)
-                return subspace_leverage(keys, self.ridge, None, self.centre), lv
-            if self.row_space == "reconstruction_queries":
-                if view.reconstruction is None:
-                    raise ValueError("row_space='reconstruction_queries' reads the queries of the context's "
-                                     "reconstruction, which the runtime runs (curdkv.compress with a tokenizer, "
-                                     "curdkv.capture_prefill with text and its tokenizer); the view has none")
-                keys = project_on_gram(keys.double(), view.reconstruction, self.rank)
-                return subspace_leverage(keys, self.ridge, None, self.centre), lv
-            return subspace_leverage(keys, self.ridge, self.rank, self.centre), lv
+            # In a query row space the rank is spent on the query directions the keys are projected on.
+            rank = self.rank if self.row_space == "keys" else None
+            if self.row_space != "keys":
+                keys = self.in_query_directions(keys.double(), view)
+            return (subspace_leverage(keys, self.ridge, rank, self.centre),
+                    subspace_leverage(view.values, self.ridge, rank, self.centre))
         if self.estimator == "exact":
             return exact_leverages(view.keys, view.values)
         return self.projected(view.keys, view.num_kv_heads), self.projected(view.values, view.num_kv_heads)
+
+    def in_query_directions(self, keys: torch.Tensor, view: ScoringView) -> torch.Tensor:
+        """``keys`` in the ``rank`` leading directions of the row space's queries (window or reconstruction)."""
+        if self.row_space == "window_queries":
+            return project_on_queries(keys, view.queries, self.rank, self.key_space, view.module, view.seq_len)
+        if view.reconstruction is None:
+            raise ValueError("row_space='reconstruction_queries' reads the queries of the context's "
+                             "reconstruction, which the runtime runs (curdkv.compress with a tokenizer, "
+                             "curdkv.capture_prefill with text and its tokenizer); the view has none")
+        return project_on_gram(keys, view.reconstruction, self.rank)
 
     def projected(self, states: torch.Tensor, num_heads: int) -> torch.Tensor:
         """:func:`projected_leverage` of keys or values with this press's sketch for their head size.
