@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import importlib.util
 import json
 import re
@@ -18,7 +19,7 @@ from curdkv.eval.families import longbench_family, ruler_family
 from curdkv.eval.results import SUMMARY_COLUMNS
 from curdkv.eval.run import TaskFamily, prepare_samples, report
 from curdkv.eval.sample import EvalSample, read_samples, write_samples
-from curdkv.eval.sweep import Config, Sweep, merge_ranks, read_predictions, sweep_configs
+from curdkv.eval.sweep import Config, Sweep, merge_ranks, read_predictions, record_key, sweep_configs
 from curdkv.models import random_config
 from curdkv.presses import parse_press_spec
 
@@ -302,6 +303,23 @@ def test_family_settings_are_checked():
     family = ruler_family(["niah_single_1"], lengths=[8192], num_samples=1)
     with pytest.raises(ValueError, match="all exceed the model's context of 4096"):
         family.samples(object(), 4096)
+
+
+def test_archived_predictions_are_read_and_resumed_and_a_redone_answer_wins(tiny, tokenizer, tmp_path):
+    samples = _samples(1)
+    Sweep(tiny, tokenizer, "tiny", CONFIGS, tmp_path, _score).run(samples)
+    plain = tmp_path / "predictions.jsonl"
+    lines = plain.read_text().splitlines()
+    (tmp_path / "predictions.jsonl.gz").write_bytes(gzip.compress("\n".join(lines).encode()))
+    plain.unlink()
+    assert len(read_predictions(tmp_path)) == len(CONFIGS)
+    sweep = Sweep(tiny, tokenizer, "tiny", CONFIGS, tmp_path, _score)
+    assert sum(len(c) for _, c in sweep.pending(samples)) == 0  # nothing to redo
+    redone = dict(json.loads(lines[0]), prediction="redone")
+    plain.write_text(json.dumps(redone) + "\n")
+    records = read_predictions(tmp_path)
+    assert len(records) == len(CONFIGS)
+    assert [r["prediction"] for r in records if record_key(r) == record_key(redone)] == ["redone"]
 
 
 def test_longbench_family_through_the_sweep(tiny, tokenizer, tmp_path):

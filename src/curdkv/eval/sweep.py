@@ -15,6 +15,7 @@ them into the same outputs as a single-process run.
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
@@ -123,10 +124,16 @@ def config_key(sample, config: Config) -> tuple:
 
 
 def read_predictions(out_dir: Path) -> list[dict]:
-    """Every prediction written so far in ``out_dir`` (all ranks' files), later duplicates dropped."""
+    """Every prediction written so far in ``out_dir`` (all ranks' files), later duplicates dropped.
+
+    ``predictions*.jsonl.gz`` are archived predictions (committed run folders keep them
+    gzipped, a tenth of the size); they are read first, so an answer redone since wins.
+    """
     records: dict[tuple, dict] = {}
-    for path in sorted(out_dir.glob("predictions*.jsonl")):
-        for line in path.read_text().splitlines():
+    archived = sorted(out_dir.glob("predictions*.jsonl.gz"))
+    for path in archived + sorted(out_dir.glob("predictions*.jsonl")):
+        text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+        for line in text.splitlines():
             if line.strip():
                 try:
                     record = json.loads(line)
