@@ -250,6 +250,28 @@ def test_subspace_leverage_is_the_svd_leverage(rank, centre):
         torch.testing.assert_close(subspace_leverage(x), exact_leverage(x), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("options", [{"key_space": "pre_rope"}, {"centre": True},
+                                     {"key_space": "pre_rope", "centre": True}])
+def test_pre_rope_and_centred_states_take_the_default_route_with_the_study_routes_scores(options):
+    from helpers import attention_module, rotate
+    from curdkv.presses.curdkv import subspace_leverage
+    from curdkv.presses.rope import unrotate
+
+    g = torch.Generator().manual_seed(6)
+    pre = torch.randn(2, 2, 60, 16, generator=g) * torch.linspace(0.2, 5, 16)
+    values = torch.randn(2, 2, 60, 16, generator=g) + 3.0  # an offset, which centring removes
+    view = ScoringView(keys=rotate(pre, "tiny-llama"), values=values, queries=None,
+                       module=attention_module("tiny-llama"), layer_idx=0)
+    press = CurDKVPress(0.5, **options)
+    assert press.studied and press.changes_states_only
+    keys = unrotate(view.keys, view.module) if "key_space" in options else view.keys
+    centre = options.get("centre", False)
+    want = (subspace_leverage(keys, centre=centre), subspace_leverage(values, centre=centre))  # the float64 route
+    for got, ref in zip(press.leverages(view), want):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+    assert not CurDKVPress(0.5, key_space="pre_rope", rank=4).changes_states_only
+
+
 def test_the_study_options_reach_the_scores():
     from helpers import attention_module, rotate
     from curdkv.presses.rope import unrotate
