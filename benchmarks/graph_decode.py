@@ -14,7 +14,8 @@ Three parts (``--parts``), each a list of records in one JSON:
 - ``throughput``: at one length, the largest batch of one compressed context
   repeated that fits in the GPU's memory, and tokens/s at that batch.
 - ``mixed``: many contexts of different lengths, presses and ratios through
-  ``curdkv.ask_many``, tokens/s, and agreement with asking each alone.
+  ``curdkv.ask_many``, tokens/s, and agreement with asking each alone; beside
+  it the same batch with each question prefilled eagerly on its own row first.
 
 ``limit_ms`` is the bandwidth limit of a step: the bytes it must read (the
 weights, less the input embedding, of which a step reads one row, plus the
@@ -203,13 +204,16 @@ def mixed(model, args, bandwidth: float, weights: int) -> list[dict]:
     ask_many(requests[:2], 4)  # compiles the kernels of this batch's shapes
     torch.cuda.synchronize()
     start = time.perf_counter()
-    folded = fold_questions(requests)  # ask_many's two halves, timed apart
-    torch.cuda.synchronize()
-    fold_s = time.perf_counter() - start
-    together = decode_rows(model, tokenizer, *folded, args.steps)
+    together = ask_many(requests, args.steps)  # the questions read by the replayed step, every row at once
     torch.cuda.synchronize()
     batch_s = time.perf_counter() - start
-    decode_s = batch_s - fold_s
+    start = time.perf_counter()
+    folded = fold_questions(requests)  # the alternative: each question prefilled eagerly on its own row
+    torch.cuda.synchronize()
+    fold_s = time.perf_counter() - start
+    prefilled = decode_rows(model, tokenizer, *folded, args.steps)
+    torch.cuda.synchronize()
+    prefilled_s = time.perf_counter() - start
     start = time.perf_counter()
     alone = [ctx.ask(q, args.steps) for ctx, q in requests]
     torch.cuda.synchronize()
@@ -221,8 +225,10 @@ def mixed(model, args, bandwidth: float, weights: int) -> list[dict]:
     record = dict(part="mixed", contexts=len(requests), lengths=lengths,
                   presses=[f"{c.press.name}@{c.press.compression_ratio}" for c in contexts],
                   kv_bytes=sum(c.nbytes() for c in contexts), max_new_tokens=args.steps, prefill_s=prefill_s,
-                  ask_many_s=batch_s, question_prefill_s=fold_s, decode_s=decode_s, tokens=tokens,
-                  tokens_per_s=tokens / batch_s, decode_tokens_per_s=tokens / decode_s,
+                  ask_many_s=batch_s, tokens=tokens, tokens_per_s=tokens / batch_s,
+                  questions_prefilled_s=prefilled_s, question_prefill_s=fold_s,
+                  decode_after_prefilled_questions_s=prefilled_s - fold_s,
+                  prefilled_answers_identical=sum(a == b for a, b in zip(prefilled, alone)),
                   one_at_a_time_s=alone_s, one_at_a_time_tokens_per_s=tokens / alone_s,
                   answers_identical=same, first_tokens_identical=first, mean_token_agreement=sum(agree) / len(agree))
     print(json.dumps({k: v for k, v in record.items() if k not in ("lengths", "presses")}), flush=True)

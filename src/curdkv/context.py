@@ -20,7 +20,9 @@ from .cache.stack import stack_contexts
 from .models import chat_parts
 from .presses.base import Press, check_press
 from .runtime.capture import PrefillCapture, capture_ids
-from .runtime.graph_decode import GraphDecoder, answer_on_graph, decodable_on_graph, resolve_cuda_graph
+from .runtime.graph_decode import (
+    GraphDecoder, answer_on_graph, answer_rows_on_graph, decodable_on_graph, resolve_cuda_graph,
+)
 from .runtime.hooks import compress
 from .runtime.model import attention_modules, refuse_inside_compress
 from .transformers_compat import forward_with_cache
@@ -169,6 +171,13 @@ def _answer_text(tokenizer, tokens: list[int], stop: set[int]) -> str:
     return tokenizer.decode(kept, skip_special_tokens=True)
 
 
+# Feeding the questions through the replayed step costs the longest question's length in batched
+# steps; prefilling them costs one eager forward per row. On the H200 (random Llama-3.1-8B, 64 rows
+# of 4K-64K tokens; results/decode/mixed-bf16.json) a row's question prefill took 153 ms and one
+# batched step 52 ms, so feeding wins while the longest question has fewer than about 3 tokens per row.
+QUESTION_TOKENS_FED_PER_ROW = 3
+
+
 @torch.no_grad()
 def ask_many(requests, max_new_tokens: int = 32, answer_prefix: str | None = None, *,
              cuda_graph: bool | None = None) -> list[str]:
@@ -185,12 +194,41 @@ def ask_many(requests, max_new_tokens: int = 32, answer_prefix: str | None = Non
     (greedy), up to rounding near-ties of the batched attention. The contexts'
     caches are left as they were. On CUDA the batch decodes by CUDA-graph
     replay (``cuda_graph=False`` to decode eagerly); a finished row then
-    stays in the batch but its attention reads nothing.
+    stays in the batch but its attention reads nothing, and where that is
+    cheaper (:data:`QUESTION_TOKENS_FED_PER_ROW`) the questions are not
+    prefilled one by one but read by the replayed step itself, one token of
+    every row's question per step (:func:`answer_rows_on_graph`).
     """
     check_max_new_tokens(max_new_tokens)
+    requests = checked_requests(requests)
+    model, tokenizer = requests[0][0].model, requests[0][0].tokenizer
+    device = next(model.parameters()).device
+    graph = all(_graph_decoding(cuda_graph, device, ctx.cache, max_new_tokens) for ctx, *_ in requests)
+    questions = [encode_question(tokenizer, question, own[0] if own else answer_prefix, device)[0]
+                 for _, question, *own in requests]
+    if graph and max(q.numel() for q in questions) <= QUESTION_TOKENS_FED_PER_ROW * len(requests):
+        starts = torch.tensor([ctx.context_length for ctx, *_ in requests], device=device)
+        stop = sorted(_stop_ids(model, tokenizer)) or [-1]
+        with using_curdkv_attention(model):
+            rows = answer_rows_on_graph(model, stack_contexts([ctx.cache for ctx, *_ in requests]), questions,
+                                        starts, torch.tensor(stop, device=device), max_new_tokens)
+        return [_answer_text(tokenizer, row, set(stop)) for row in rows]
     cache, token, position = fold_questions(requests, answer_prefix)
-    return decode_rows(requests[0][0].model, requests[0][0].tokenizer, cache, token, position, max_new_tokens,
-                       cuda_graph)
+    return decode_rows(model, tokenizer, cache, token, position, max_new_tokens, cuda_graph=graph)
+
+
+def checked_requests(requests) -> list[tuple]:
+    """``requests`` of :func:`ask_many` as a list, refused unless they are (context, question[, prefix]) of one model."""
+    requests = list(requests)
+    if not requests:
+        raise ValueError("requests must hold at least one (context, question) pair")
+    for item in requests:
+        if not (isinstance(item, tuple) and len(item) in (2, 3) and isinstance(item[0], CompressedContext)):
+            raise TypeError(f"requests must be (CompressedContext, question[, answer_prefix]) tuples, got {item!r:.80}")
+    model = requests[0][0].model
+    if any(item[0].model is not model for item in requests):
+        raise ValueError("every context of ask_many must come from the same model")
+    return requests
 
 
 @torch.no_grad()
@@ -201,15 +239,8 @@ def fold_questions(requests, answer_prefix: str | None = None):
     its context), each row's first answer token ``[R]`` and the position of
     that token ``[R]``. The contexts' caches are left as they were.
     """
-    requests = list(requests)
-    if not requests:
-        raise ValueError("requests must hold at least one (context, question) pair")
-    for item in requests:
-        if not (isinstance(item, tuple) and len(item) in (2, 3) and isinstance(item[0], CompressedContext)):
-            raise TypeError(f"requests must be (CompressedContext, question[, answer_prefix]) tuples, got {item!r:.80}")
+    requests = checked_requests(requests)
     model, tokenizer = requests[0][0].model, requests[0][0].tokenizer
-    if any(item[0].model is not model for item in requests):
-        raise ValueError("every context of ask_many must come from the same model")
     device = next(model.parameters()).device
     prefilled, first_tokens, positions = [], [], []
     with using_curdkv_attention(model):

@@ -90,6 +90,32 @@ def test_fixed_capacity_rows_of_an_ask_many_batch_decode_as_alone():
         assert ask_many(requests, 9) == alone
 
 
+def test_questions_of_different_lengths_read_by_the_step_give_each_rows_answer_alone(monkeypatch):
+    """ask_many's graph path feeds every row its own question one token per step, rows ending at different steps."""
+    model = tiny_model("tiny-llama")
+    probe = curdkv.prefill(model, ByteTokenizer(), _text(50, 0))
+    eos = eager_tokens(probe, "q0", 6)[3]  # an end token some rows meet early
+    tokenizer = ByteTokenizer(eos)
+    contexts = [curdkv.prefill(model, tokenizer, _text(n, n), press) for n, press in zip((20, 300, 150, 64), PRESSES)]
+    requests = [(ctx, f"q{i}" + "?" * (5 * i)) for i, ctx in enumerate(contexts)]  # questions of 2 to 17 characters
+    alone = [ctx.ask(q, 10, cuda_graph=False) for ctx, q in requests]
+    assert len({len(a) for a in alone}) > 1  # the rows' answers end at different steps
+    built = []
+    real = graph_decode.GraphDecoder.__init__
+
+    def eager_init(self, *args, **kwargs):
+        built.append(kwargs.get("forced"))
+        real(self, *args, **{**kwargs, "capture": False})
+
+    monkeypatch.setattr(graph_decode.GraphDecoder, "__init__", eager_init)
+    monkeypatch.setattr(curdkv.context, "resolve_cuda_graph", lambda cuda_graph, device: True)
+    assert ask_many(requests, 10) == alone  # 4 rows, questions longer than 3 tokens per row: prefilled
+    assert len(built) == 1 and built[0] is None
+    monkeypatch.setattr(curdkv.context, "QUESTION_TOKENS_FED_PER_ROW", 10)
+    assert ask_many(requests, 10) == alone
+    assert len(built) == 2 and built[1] is not None  # one decoder, fed the questions
+
+
 def test_a_finished_row_stops_attending():
     """A row marked inactive reads nothing: its attention output is zero, the others' are unchanged."""
     model = tiny_model("tiny-llama")

@@ -178,20 +178,33 @@ class GraphDecoder(StepGraph):
 
     ``token [R]``: each row's last chosen token, not yet in the cache;
     ``position [R]``: its RoPE position. ``stop``: end token ids ``[S]``.
+
+    ``forced [R, F]`` with ``forced_lengths [R]``: each row first reads its own
+    ``forced_lengths[r]`` tokens (a question; ``token`` is then ``forced[:, 0]``),
+    one per step, and chooses tokens only from its last one on; ``row_steps [R]``
+    ends each row after that many steps. So questions of different lengths are
+    fed to every row of the batch at once by the same replayed step, rather than
+    prefilled one row at a time (``tokens[r, forced_lengths[r] - 1:]`` is row
+    ``r``'s answer).
     """
 
     def __init__(self, model, cache: FixedCapacityCache, token: torch.Tensor, position: torch.Tensor,
-                 stop: torch.Tensor, steps: int, capture: bool = True, lean: bool | None = None):
+                 stop: torch.Tensor, steps: int, capture: bool = True, lean: bool | None = None,
+                 forced: torch.Tensor | None = None, forced_lengths: torch.Tensor | None = None,
+                 row_steps: torch.Tensor | None = None):
         room = cache.state.capacity - cache.state.host_filled
         if steps > room:
             raise ValueError(f"{steps} decode steps do not fit: the cache has room for {room} more tokens")
+        if (forced is None) != (forced_lengths is None) or (forced is None) != (row_steps is None):
+            raise ValueError("forced, forced_lengths and row_steps go together")
         super().__init__(model, cache, capture, lean)
         rows = cache.batch_size
         self.stop, self.steps = stop, steps
+        self.forced, self.forced_lengths, self.row_steps = forced, forced_lengths, row_steps
         self.replays_expected = steps > 1
         self.input_ids.copy_(token.reshape(rows, 1))
         self.position.copy_(position.reshape(rows, 1))
-        self.done = torch.isin(token.reshape(rows), stop)
+        self.done = torch.isin(token.reshape(rows), stop) if forced is None else forced_lengths < 1
         cache.state.active.copy_((~self.done).to(torch.int32))
         self.tokens = torch.zeros(rows, steps, dtype=torch.int64, device=token.device)
         self.step_index = torch.zeros(1, dtype=torch.int64, device=token.device)
@@ -201,7 +214,15 @@ class GraphDecoder(StepGraph):
         token = logits.argmax(-1)
         self.tokens.index_copy_(1, self.step_index, token[:, None])
         self.step_index.add_(1)
-        self.done |= (token[:, None] == self.stop[None, :]).any(-1)
+        ended = (token[:, None] == self.stop[None, :]).any(-1)
+        if self.forced is not None:
+            # While a row still has question tokens to read, its next input is the next of them
+            # and its argmax is no answer yet (nor its end).
+            reading = self.step_index < self.forced_lengths
+            upcoming = self.forced.index_select(1, self.step_index.clamp(max=self.forced.shape[1] - 1))[:, 0]
+            ended = (ended & ~reading) | (self.step_index >= self.row_steps)
+            token = torch.where(reading, upcoming, token)
+        self.done |= ended
         self.cache.state.active.copy_((~self.done).to(torch.int32))
         self.all_done = self.done.all()
         self.input_ids.copy_(token[:, None])
@@ -265,6 +286,33 @@ def decodable_on_graph(cache) -> bool:
     from ..cache.ragged import RaggedLayer
 
     return bool(cache.layers) and all(isinstance(layer, (CompressedLayer, RaggedLayer)) for layer in cache.layers)
+
+
+def answer_rows_on_graph(model, cache, questions: list[torch.Tensor], starts: torch.Tensor, stop: torch.Tensor,
+                         max_new_tokens: int, capture: bool = True, lean: bool | None = None) -> list[list[int]]:
+    """Greedy answers (up to ``max_new_tokens`` tokens each) of every row of ``cache`` to its own question.
+
+    ``questions``: each row's token ids ``[Q_r]``, read from position
+    ``starts[r]`` on (its context's length). The questions are fed to all rows at
+    once by the replayed step (:class:`GraphDecoder`'s ``forced``), so a batch pays
+    ``max Q_r`` batched steps for them instead of one eager prefill per row.
+    ``cache`` is left unchanged. The caller has switched the model to curdkv's attention.
+    """
+    rows, device = len(questions), starts.device
+    lengths = torch.tensor([q.numel() for q in questions], device=device)
+    if rows != cache.batch_size or int(lengths.min()) < 1:
+        raise ValueError(f"questions must hold one non-empty question per row of the cache ({cache.batch_size}), "
+                         f"got {rows} of lengths {lengths.tolist()}")
+    width = int(lengths.max())
+    forced = torch.zeros(rows, width, dtype=torch.int64, device=device)
+    for r, question in enumerate(questions):
+        forced[r, : question.numel()] = question.to(device)
+    steps = width - 1 + max_new_tokens  # the longest question's tokens, then its answer's (the last is never read)
+    fixed = FixedCapacityCache.from_cache(cache, steps)
+    decoder = GraphDecoder(model, fixed, forced[:, 0], starts, stop, steps, capture=capture, lean=lean, forced=forced,
+                           forced_lengths=lengths, row_steps=lengths - 1 + max_new_tokens)
+    tokens = decoder.run().tolist()
+    return [row[n - 1: n - 1 + max_new_tokens] for row, n in zip(tokens, lengths.tolist())]
 
 
 def answer_on_graph(model, cache, ids: torch.Tensor, positions: torch.Tensor, stop: torch.Tensor,
