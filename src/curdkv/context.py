@@ -66,6 +66,11 @@ def _stop_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def _stop_list(model, tokenizer) -> list[int]:
+    """The end token ids, sorted, as decoding compares them on the device (``[-1]``, matching nothing, if none)."""
+    return sorted(_stop_ids(model, tokenizer)) or [-1]
+
+
 class CompressedContext:
     """A context prefilled (and compressed) once; :meth:`ask` questions against it."""
 
@@ -114,7 +119,7 @@ def answer_greedily(
     device = first.keys.device
     rows = first.keys.shape[0]
     ids = encode_question(tokenizer, question, answer_prefix, device, separator).expand(rows, -1)
-    stop = torch.tensor(sorted(_stop_ids(model, tokenizer)) or [-1], device=device)
+    stop = torch.tensor(_stop_list(model, tokenizer), device=device)
     if _graph_decoding(cuda_graph, device, cache, max_new_tokens):
         positions = torch.arange(context_length, context_length + ids.shape[1], device=device)[None].expand(rows, -1)
         with using_curdkv_attention(model):
@@ -204,17 +209,24 @@ def ask_many(requests, max_new_tokens: int = 32, answer_prefix: str | None = Non
     model, tokenizer = requests[0][0].model, requests[0][0].tokenizer
     device = next(model.parameters()).device
     graph = all(_graph_decoding(cuda_graph, device, ctx.cache, max_new_tokens) for ctx, *_ in requests)
-    questions = [encode_question(tokenizer, question, own[0] if own else answer_prefix, device)[0]
-                 for _, question, *own in requests]
-    if graph and max(q.numel() for q in questions) <= QUESTION_TOKENS_FED_PER_ROW * len(requests):
+    questions = encoded_questions(requests, answer_prefix, device)
+    if graph and max(q.shape[1] for q in questions) <= QUESTION_TOKENS_FED_PER_ROW * len(requests):
         starts = torch.tensor([ctx.context_length for ctx, *_ in requests], device=device)
-        stop = sorted(_stop_ids(model, tokenizer)) or [-1]
+        stop = _stop_list(model, tokenizer)
         with using_curdkv_attention(model):
-            rows = answer_rows_on_graph(model, stack_contexts([ctx.cache for ctx, *_ in requests]), questions,
-                                        starts, torch.tensor(stop, device=device), max_new_tokens)
+            rows = answer_rows_on_graph(model, stack_contexts([ctx.cache for ctx, *_ in requests]),
+                                        [q[0] for q in questions], starts, torch.tensor(stop, device=device),
+                                        max_new_tokens)
         return [_answer_text(tokenizer, row, set(stop)) for row in rows]
-    cache, token, position = fold_questions(requests, answer_prefix)
+    cache, token, position = fold_questions(requests, answer_prefix, questions=questions)
     return decode_rows(model, tokenizer, cache, token, position, max_new_tokens, cuda_graph=graph)
+
+
+def encoded_questions(requests, answer_prefix: str | None, device) -> list[torch.Tensor]:
+    """Each request's question with its answer prefix (its own, else ``answer_prefix``) as ids ``[1, Q]``."""
+    tokenizer = requests[0][0].tokenizer
+    return [encode_question(tokenizer, question, own[0] if own else answer_prefix, device)
+            for _, question, *own in requests]
 
 
 def checked_requests(requests) -> list[tuple]:
@@ -232,20 +244,22 @@ def checked_requests(requests) -> list[tuple]:
 
 
 @torch.no_grad()
-def fold_questions(requests, answer_prefix: str | None = None):
+def fold_questions(requests, answer_prefix: str | None = None, *, questions: list[torch.Tensor] | None = None):
     """:func:`ask_many`'s first half: each question prefilled on its own context, the rows stacked.
 
     Returns the ragged cache (one row per request, the question folded into
     its context), each row's first answer token ``[R]`` and the position of
     that token ``[R]``. The contexts' caches are left as they were.
+    ``questions``: the requests' :func:`encoded_questions`, where the caller has them.
     """
     requests = checked_requests(requests)
-    model, tokenizer = requests[0][0].model, requests[0][0].tokenizer
+    model = requests[0][0].model
     device = next(model.parameters()).device
+    if questions is None:
+        questions = encoded_questions(requests, answer_prefix, device)
     prefilled, first_tokens, positions = [], [], []
     with using_curdkv_attention(model):
-        for ctx, question, *own_prefix in requests:
-            ids = encode_question(tokenizer, question, own_prefix[0] if own_prefix else answer_prefix, device)
+        for (ctx, *_), ids in zip(requests, questions):
             snapshot = ctx.cache.snapshot()
             try:
                 start = torch.arange(ctx.context_length, ctx.context_length + ids.shape[1], device=device)[None]
@@ -264,7 +278,7 @@ def decode_rows(model, tokenizer, cache, token: torch.Tensor, position: torch.Te
                 cuda_graph: bool | None = None) -> list[str]:
     """:func:`ask_many`'s second half: every row of ``cache`` decoded greedily from its ``token`` at ``position``."""
     device = token.device
-    stop = torch.tensor(sorted(_stop_ids(model, tokenizer)) or [-1], device=device)
+    stop = torch.tensor(_stop_list(model, tokenizer), device=device)
     stop_set = set(stop.tolist())
     with using_curdkv_attention(model):
         if _graph_decoding(cuda_graph, device, cache, max_new_tokens) and not bool(torch.isin(token, stop).all()):

@@ -181,26 +181,27 @@ class GraphDecoder(StepGraph):
 
     ``forced [R, F]`` with ``forced_lengths [R]``: each row first reads its own
     ``forced_lengths[r]`` tokens (a question; ``token`` is then ``forced[:, 0]``),
-    one per step, and chooses tokens only from its last one on; ``row_steps [R]``
-    ends each row after that many steps. So questions of different lengths are
-    fed to every row of the batch at once by the same replayed step, rather than
-    prefilled one row at a time (``tokens[r, forced_lengths[r] - 1:]`` is row
-    ``r``'s answer).
+    one per step, and chooses tokens from its last one on: ``steps - F + 1``
+    tokens, whatever its question's length. So questions of different lengths
+    are fed to every row of the batch at once by the same replayed step, rather
+    than prefilled one row at a time (``tokens[r, forced_lengths[r] - 1:]`` is
+    row ``r``'s answer).
     """
 
     def __init__(self, model, cache: FixedCapacityCache, token: torch.Tensor, position: torch.Tensor,
                  stop: torch.Tensor, steps: int, capture: bool = True, lean: bool | None = None,
-                 forced: torch.Tensor | None = None, forced_lengths: torch.Tensor | None = None,
-                 row_steps: torch.Tensor | None = None):
+                 forced: torch.Tensor | None = None, forced_lengths: torch.Tensor | None = None):
         room = cache.state.capacity - cache.state.host_filled
         if steps > room:
             raise ValueError(f"{steps} decode steps do not fit: the cache has room for {room} more tokens")
-        if (forced is None) != (forced_lengths is None) or (forced is None) != (row_steps is None):
-            raise ValueError("forced, forced_lengths and row_steps go together")
+        if (forced is None) != (forced_lengths is None):
+            raise ValueError("forced and forced_lengths go together")
         super().__init__(model, cache, capture, lean)
         rows = cache.batch_size
         self.stop, self.steps = stop, steps
-        self.forced, self.forced_lengths, self.row_steps = forced, forced_lengths, row_steps
+        self.forced, self.forced_lengths = forced, forced_lengths
+        # A row with a shorter question ends as many steps earlier, its answer as long as the longest's.
+        self.row_steps = None if forced is None else steps - forced.shape[1] + forced_lengths
         self.replays_expected = steps > 1
         self.input_ids.copy_(token.reshape(rows, 1))
         self.position.copy_(position.reshape(rows, 1))
@@ -310,7 +311,7 @@ def answer_rows_on_graph(model, cache, questions: list[torch.Tensor], starts: to
     steps = width - 1 + max_new_tokens  # the longest question's tokens, then its answer's (the last is never read)
     fixed = FixedCapacityCache.from_cache(cache, steps)
     decoder = GraphDecoder(model, fixed, forced[:, 0], starts, stop, steps, capture=capture, lean=lean, forced=forced,
-                           forced_lengths=lengths, row_steps=lengths - 1 + max_new_tokens)
+                           forced_lengths=lengths)
     tokens = decoder.run().tolist()
     return [row[n - 1: n - 1 + max_new_tokens] for row, n in zip(tokens, lengths.tolist())]
 
