@@ -17,11 +17,18 @@ Three parts (``--parts``), each a list of records in one JSON:
   ``curdkv.ask_many``, tokens/s, and agreement with asking each alone; beside
   it the same batch with each question prefilled eagerly on its own row first.
 
+``--gemv torch,grouped,all`` measures ``batch1``'s replayed step once per
+route of the lean step's matrix products (:mod:`curdkv.runtime.lean_step`):
+``graph_ms_by_gemv``; ``graph_ms`` is the first route's. ``--gemv-config``
+takes the block sizes ``benchmarks/gemv_micro.py`` found fastest.
+
 ``limit_ms`` is the bandwidth limit of a step: the bytes it must read (the
 weights, less the input embedding, of which a step reads one row, plus the
 held keys and values) at the measured copy bandwidth, read once.
 
     python benchmarks/graph_decode.py --parts batch1 --lengths 32768 --out results/decode/batch1-32k.json
+    python benchmarks/graph_decode.py --parts batch1 --lengths 32768 --gemv torch,grouped,all --graph-only \
+        --no-hf --gemv-config results/decode/gemv_micro.json --out results/decode/batch1-gemv.json
 """
 
 from __future__ import annotations
@@ -39,10 +46,12 @@ from curdkv.bench.timing import copy_bandwidth, decode_seconds_per_token, replay
 from curdkv.cache.dense import CompressedCache
 from curdkv.cache.stack import stack_caches
 from curdkv.context import CompressedContext, ask_many, decode_rows, fold_questions
+from curdkv.kernels import gemv
 from curdkv.presses import get_press
 from curdkv.report import environment
 from curdkv.runtime import graph_decode
 from curdkv.runtime.hooks import compress
+from curdkv.runtime.lean_step import GEMV_MODES, using_gemv
 from curdkv.transformers_compat import forward_with_cache
 
 CONFIGS = [("full", 0.0), ("curdkv", 0.5), ("curdkv", 0.9), ("adacurdkv", 0.9)]
@@ -116,13 +125,23 @@ def batch1(model, args, bandwidth: float, weights: int) -> list[dict]:
         for method, ratio in CONFIGS:
             cache = capture.build_cache(None if method == "full" else get_press(method, ratio))
             kv = cache.nbytes()
-            record = dict(part="batch1", length=n, method=method, ratio=ratio, kv_bytes=kv,
-                          limit_ms=(weights + kv) / bandwidth * 1000,
-                          graph_ms=graph_ms(model, cache, n, args.steps),
-                          graph_transformers_forward_ms=graph_ms(model, cache, n, args.steps, lean=False),
-                          eager_ms=eager_ms(model, cache, n, min(args.steps, 16)))
+            limit = (weights + kv) / bandwidth * 1000
+            by_gemv, agreed = {}, {}
+            for route in args.gemv:
+                graph_decode._LEAN_CHECKED.pop(model, None)  # each route's step is compared with transformers'
+                with using_gemv(route):
+                    by_gemv[route] = graph_ms(model, cache, n, args.steps)
+                agreed[route] = graph_decode._LEAN_CHECKED.get(model)
+            first = args.gemv[0]
+            record = dict(part="batch1", length=n, method=method, ratio=ratio, kv_bytes=kv, limit_ms=limit,
+                          graph_ms=by_gemv[first], gemv=first, graph_ms_by_gemv=by_gemv,
+                          graph_over_limit_by_gemv={r: ms / limit for r, ms in by_gemv.items()})
+            if not args.graph_only:
+                record["graph_transformers_forward_ms"] = graph_ms(model, cache, n, args.steps, lean=False)
+                record["eager_ms"] = eager_ms(model, cache, n, min(args.steps, 16))
             record["graph_over_limit"] = record["graph_ms"] / record["limit_ms"]
-            record["lean_step_agreed"] = graph_decode._LEAN_CHECKED.get(model)
+            record["lean_step_agreed"] = agreed[first]
+            record["lean_step_agreed_by_gemv"] = agreed
             records.append(record)
             print(json.dumps(record), flush=True)
             del cache
@@ -248,9 +267,21 @@ def main() -> None:
     parser.add_argument("--mixed-min", type=int, default=4096)
     parser.add_argument("--mixed-max", type=int, default=65536)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--gemv", default="grouped", help=f"batch1: the lean step's product routes to time, "
+                        f"comma-separated, of {', '.join(GEMV_MODES)}")
+    parser.add_argument("--gemv-config", help="a gemv_micro.py JSON: use its fastest block sizes")
+    parser.add_argument("--graph-only", action="store_true",
+                        help="batch1: skip the eager loop and the replayed transformers forward")
     parser.add_argument("--out", default="results/decode/graph_decode.json")
     args = parser.parse_args()
     args.lengths = [int(n) for n in args.lengths.split(",")]
+    args.gemv = args.gemv.split(",")
+    if set(args.gemv) - set(GEMV_MODES):
+        raise SystemExit(f"--gemv: unknown {sorted(set(args.gemv) - set(GEMV_MODES))}; choose from {GEMV_MODES}")
+    if args.gemv_config:
+        best = json.loads(Path(args.gemv_config).read_text())["best"]
+        gemv.CONFIG.update({key: tuple(b["config"]) for key, b in best.items()})
+    args.gemv_block_sizes = {key: list(c) for key, c in gemv.CONFIG.items()}
     parts = args.parts.split(",")
     unknown = set(parts) - {"batch1", "throughput", "mixed"}
     if unknown:

@@ -73,3 +73,42 @@ def _graph_tokens(ctx, question, steps):
 
     return fixed_tokens(ctx, question, steps, capture=False)
 
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2"])  # qwen2: q/k/v biases
+def test_grouped_gemv_keeps_the_lean_steps_tokens(arch, monkeypatch):
+    """The lean step chooses the same tokens with its products through cuBLAS/torch and through the GEMV kernels."""
+    from conftest import KERNEL_DEVICE
+    from curdkv.kernels import gemv
+    from curdkv.kernels.common import interpreted_on_cpu
+    from test_graph_decode import fixed_tokens
+
+    # float16: Triton's interpreter converts bfloat16 wrongly.
+    model = curdkv.load_model(f"random:{arch}", dtype=torch.float16, device=KERNEL_DEVICE)[0]
+    ctx = curdkv.prefill(model, ByteTokenizer(), _text(60, 2), None)
+    calls = {"grouped_gemv": 0, "gated_gemv": 0}
+    for name in calls:
+        def spy(*args, _real=getattr(lean_step, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(lean_step, name, spy)
+    tokens = {}
+    with interpreted_on_cpu() if KERNEL_DEVICE == "cpu" else torch.no_grad():
+        for mode in lean_step.GEMV_MODES:
+            before = dict(calls)
+            with lean_step.using_gemv(mode):
+                tokens[mode] = fixed_tokens(ctx, "go", 8, capture=False)
+            used = {n: calls[n] - before[n] for n in calls}
+            assert (used["gated_gemv"] > 0) == (mode != "torch"), (mode, used)
+            assert gemv.gemv_applies(torch.zeros(1, 4, dtype=torch.float16, device=KERNEL_DEVICE), ())
+    assert graph_decode._LEAN_CHECKED[model] is True
+    assert tokens["grouped"] == tokens["torch"] and tokens["all"] == tokens["torch"], tokens
+    assert len(tokens["torch"]) > 0
+
+
+def test_an_unknown_gemv_route_is_refused():
+    with pytest.raises(ValueError, match="gemv must be one of"):
+        LeanStep(tiny_model("tiny-llama"), None, gemv="cublas")
+    with pytest.raises(ValueError, match="gemv must be one of"), lean_step.using_gemv("fast"):
+        pass

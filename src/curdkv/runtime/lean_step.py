@@ -8,7 +8,11 @@ microseconds, which at batch 1 adds up to a third of the step. This step
 runs the same arithmetic as the model's modules, in the same order and
 dtype, with the element-wise work fused (:mod:`curdkv.kernels.decode_step`):
 per layer, seven matrix products, two norm kernels, one RoPE-and-store
-kernel, one activation kernel and the ragged attention kernel.
+kernel, one activation kernel and the ragged attention kernel. For a few
+rows in half precision on the kernels' device, the products go through
+:mod:`curdkv.kernels.gemv` (``gemv=``): q/k/v in one launch, gate/up with
+the activation in another (``"grouped"``, the default), and o and down by
+the same kernel too (``"all"``); ``"torch"`` keeps cuBLAS for all seven.
 
 It reads the weights in place (nothing is copied or converted) and uses the
 model's own rotary-embedding module for the cos/sin (so every RoPE scaling
@@ -20,15 +24,34 @@ with transformers' on a real step before a model's first use.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
 from ..cache.fixed import FixedCapacityCache
 from ..kernels.decode_step import add_rmsnorm, rope_store, silu_mul
+from ..kernels.gemv import gated_gemv, gemv_applies, grouped_gemv
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
+GEMV_MODES = ("torch", "grouped", "all")
+# The products' route for steps built without ``gemv=`` (benchmarks switch it with :func:`using_gemv`).
+DEFAULT_GEMV = "grouped"
+
+
+@contextmanager
+def using_gemv(mode: str):
+    """Lean steps built inside take ``gemv=mode`` by default (what a benchmark compares)."""
+    global DEFAULT_GEMV
+    if mode not in GEMV_MODES:
+        raise ValueError(f"gemv must be one of {GEMV_MODES}, got {mode!r}")
+    before, DEFAULT_GEMV = DEFAULT_GEMV, mode
+    try:
+        yield
+    finally:
+        DEFAULT_GEMV = before
 
 
 def lean_step_unsupported(model) -> str | None:
@@ -57,7 +80,7 @@ def lean_step_unsupported(model) -> str | None:
 class LeanStep:
     """The decode step of a supported model over a :class:`FixedCapacityCache`: ``logits [B, V]`` per call."""
 
-    def __init__(self, model, cache: FixedCapacityCache):
+    def __init__(self, model, cache: FixedCapacityCache, gemv: str | None = None):
         reason = lean_step_unsupported(model)
         if reason is not None:
             raise ValueError(f"this model cannot use the lean decode step: {reason}")
@@ -67,6 +90,13 @@ class LeanStep:
         self.eps = config.rms_norm_eps
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.gemv = DEFAULT_GEMV if gemv is None else gemv
+        if self.gemv not in GEMV_MODES:
+            raise ValueError(f"gemv must be one of {GEMV_MODES}, got {self.gemv!r}")
+        # The weights are checked once here; the input's device, dtype and rows at each call.
+        self._gemv_weights = self.gemv != "torch" and all(_groupable(group) for layer in self.inner.layers for group in (
+            [getattr(layer.self_attn, n) for n in _ATTENTION[:3]], [layer.self_attn.o_proj],
+            [layer.mlp.gate_proj, layer.mlp.up_proj], [layer.mlp.down_proj]))
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, V]`` of ``input_ids [B, 1]`` at ``position_ids [B, 1]``; writes the token's K/V."""
@@ -79,25 +109,47 @@ class LeanStep:
         b = x.shape[0]
         index = self.cache.state.filled
         delta = None
+        grouped = self._gemv_weights and gemv_applies(x, ())
+        every = grouped and self.gemv == "all"
         for layer, store in zip(inner.layers, self.cache.layers):
             attn, mlp = layer.self_attn, layer.mlp
             h = add_rmsnorm(x, delta, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-            q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(b, self.heads, self.head_dim)
-            k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(b, self.kv_heads, self.head_dim)
-            v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(b, self.kv_heads, self.head_dim)
+            q, k, v = _linears(h, (attn.q_proj, attn.k_proj, attn.v_proj), grouped)
+            q = q.view(b, self.heads, self.head_dim)
+            k, v = k.view(b, self.kv_heads, self.head_dim), v.view(b, self.kv_heads, self.head_dim)
             q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
             rope_store(q, k, v, cos, sin, store.tail_keys, store.tail_values, index,
                        None if q_norm is None else q_norm.weight, None if k_norm is None else k_norm.weight,
                        eps if q_norm is None else q_norm.variance_epsilon)
             out = ragged_attention(q[:, :, None], store.kv, attn.scaling)  # [B, 1, H, D]
-            o = F.linear(out.reshape(b, -1), attn.o_proj.weight, attn.o_proj.bias)
+            (o,) = _linears(out.reshape(b, -1), (attn.o_proj,), every)
             norm = layer.post_attention_layernorm
             h = add_rmsnorm(x, o, norm.weight, norm.variance_epsilon)
-            gate = F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
-            up = F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
-            delta = F.linear(silu_mul(gate, up), mlp.down_proj.weight, mlp.down_proj.bias)
+            if grouped:
+                act = gated_gemv(h, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.gate_proj.bias, mlp.up_proj.bias)
+            else:
+                act = silu_mul(F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias),
+                               F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias))
+            (delta,) = _linears(act, (mlp.down_proj,), every)
         h = add_rmsnorm(x, delta, inner.norm.weight, inner.norm.variance_epsilon)
         return self.model.lm_head(h)
+
+
+def _groupable(linears) -> bool:
+    """Whether one launch can take these ``nn.Linear``s: contiguous half-precision weights of one input width,
+    a bias on each or on none."""
+    w0 = linears[0].weight
+    return all(m.weight.dtype == w0.dtype and m.weight.dim() == 2 and m.weight.shape[1] == w0.shape[1]
+               and m.weight.is_contiguous() and m.weight.dtype in (torch.float16, torch.bfloat16)
+               for m in linears) and len({m.bias is None for m in linears}) == 1
+
+
+def _linears(h: torch.Tensor, linears, grouped: bool) -> list[torch.Tensor]:
+    """``h`` through each of ``linears``: one :func:`grouped_gemv` launch, or ``F.linear`` each."""
+    if grouped:
+        biases = None if linears[0].bias is None else [m.bias for m in linears]
+        return grouped_gemv(h, [m.weight for m in linears], biases)
+    return [F.linear(h, m.weight, m.bias) for m in linears]
 
 
 def lean_step_agrees(lean_logits: torch.Tensor, reference_logits: torch.Tensor) -> tuple[bool, float]:
