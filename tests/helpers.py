@@ -14,6 +14,8 @@ from curdkv.runtime.layer import compress_layer
 from curdkv.transformers_compat import forward_with_cache
 
 B, H_KV = 2, 2  # batch and KV heads of make_states's states
+# CurDKV's options to score states as cached: random states with no attention module carry no RoPE to undo.
+CACHED_STATES = dict(key_space="post_rope", centre=False)
 
 
 def compress_states(press, keys, values, queries, module, layer_idx: int):

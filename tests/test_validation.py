@@ -22,7 +22,7 @@ from curdkv.presses import (
     StreamingLLMPress,
     parse_press_spec,
 )
-from helpers import compress_states
+from helpers import CACHED_STATES, compress_states
 from curdkv.selection import kept_count, select_uniform
 
 PRESS_CLASSES = [CurDKVPress, SnapKVPress, ChunkKVPress, KNormPress, StreamingLLMPress, RandomPress]
@@ -202,7 +202,7 @@ def test_compress_states_empty_context(press):
 def test_compress_states_context_shorter_than_sinks():
     keys, values = _states(3)
     with pytest.raises(ValueError, match="num_sinks"):
-        compress_states(CurDKVPress(compression_ratio=0.5, num_sinks=4), keys, values, None, None, 0)
+        compress_states(CurDKVPress(compression_ratio=0.5, num_sinks=4, **CACHED_STATES), keys, values, None, None, 0)
 
 
 def test_compress_states_budget_below_sinks():

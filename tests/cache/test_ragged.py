@@ -11,7 +11,7 @@ from curdkv.presses import SnapKVPress
 from curdkv.runtime.layer import compress_layer
 
 from conftest import DTYPES, random_ids
-from helpers import greedy
+from helpers import CACHED_STATES, greedy
 from curdkv.transformers_compat import forward_with_cache
 
 ADAPTIVE = ("adacurdkv", "adasnapkv", "adacurdkv-sketch")
@@ -21,7 +21,7 @@ def _layer_from_random(b=2, h=4, n=50, d=16, ratio=0.6, seed=0):
     gen = torch.Generator().manual_seed(seed)
     keys = torch.randn(b, h, n, d, generator=gen) * torch.logspace(-1, 1, h)[None, :, None, None]
     values = torch.randn(b, h, n, d, generator=gen)
-    layer = compress_layer(AdaCurDKVPress(ratio, estimator="exact"), keys, values, None, None, 0)
+    layer = compress_layer(AdaCurDKVPress(ratio, estimator="exact", **CACHED_STATES), keys, values, None, None, 0)
     return keys, values, layer
 
 

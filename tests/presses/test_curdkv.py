@@ -12,7 +12,7 @@ import torch
 
 from curdkv.presses import CurDKVPress, ScoringView
 from curdkv.selection import kept_count
-from helpers import B, H_KV, close, compress_states, make_states, ref_topk_indices, view_of
+from helpers import B, H_KV, CACHED_STATES as CACHED, close, compress_states, make_states, ref_topk_indices, view_of
 
 # Small tensor ops single-threaded for the module (see conftest's one_thread): on a small
 # shared CPU a 2-thread LAPACK call can stall waiting on a busy core.
@@ -178,7 +178,7 @@ def test_exact_leverage_matches_float64_svd(case):
     gen = torch.Generator().manual_seed(123)
     keys = build(gen).float()
     values = build(gen).float()
-    press = CurDKVPress(estimator="exact", leverage="key")
+    press = CurDKVPress(estimator="exact", leverage="key", **CACHED)
     lk, lv = press.leverages(view_of(keys, values))
     assert lk.shape == lv.shape == (B, H_KV, n)
     ref_k = ref_svd_leverage(keys, rank)
@@ -195,7 +195,7 @@ def test_exact_estimator_scores_are_normalised_svd_leverage(leverage):
     n, d = 120, 16
     keys, values = make_states(n, d, seed=9)
     # projection_dim is ignored by the exact estimator.
-    got = CurDKVPress(estimator="exact", leverage=leverage, projection_dim=3).score(view_of(keys, values))
+    got = CurDKVPress(estimator="exact", leverage=leverage, projection_dim=3, **CACHED).score(view_of(keys, values))
     lk = ref_svd_leverage(keys)
     lv = ref_svd_leverage(values)
     nk = lk / lk.sum(-1, keepdim=True)
@@ -250,8 +250,8 @@ def test_subspace_leverage_is_the_svd_leverage(rank, centre):
         torch.testing.assert_close(subspace_leverage(x), exact_leverage(x), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("options", [{"key_space": "pre_rope"}, {"centre": True},
-                                     {"key_space": "pre_rope", "centre": True}])
+@pytest.mark.parametrize("options", [{"key_space": "pre_rope", "centre": False}, {"key_space": "post_rope", "centre": True},
+                                     {}])
 def test_pre_rope_and_centred_states_take_the_default_route_with_the_study_routes_scores(options):
     from helpers import attention_module, rotate
     from curdkv.presses.curdkv import subspace_leverage
@@ -263,13 +263,31 @@ def test_pre_rope_and_centred_states_take_the_default_route_with_the_study_route
     view = ScoringView(keys=rotate(pre, "tiny-llama"), values=values, queries=None,
                        module=attention_module("tiny-llama"), layer_idx=0)
     press = CurDKVPress(0.5, **options)
-    assert press.studied and press.changes_states_only
-    keys = unrotate(view.keys, view.module) if "key_space" in options else view.keys
-    centre = options.get("centre", False)
-    want = (subspace_leverage(keys, centre=centre), subspace_leverage(values, centre=centre))  # the float64 route
+    assert press.transforms_states and not press.subspace_route
+    keys = unrotate(view.keys, view.module) if press.key_space == "pre_rope" else view.keys
+    want = (subspace_leverage(keys, centre=press.centre), subspace_leverage(values, centre=press.centre))  # float64
     for got, ref in zip(press.leverages(view), want):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
-    assert not CurDKVPress(0.5, key_space="pre_rope", rank=4).changes_states_only
+    assert CurDKVPress(0.5, rank=4).subspace_route and not CurDKVPress(0.5, **CACHED).transforms_states
+
+
+def test_the_default_states_are_pre_rope_and_centred_except_where_a_route_reads_the_cached_ones():
+    default = CurDKVPress(0.5)
+    assert (default.key_space, default.centre) == ("pre_rope", True)
+    sketch = CurDKVPress(0.5, estimator="projection")
+    assert (sketch.key_space, sketch.centre) == ("post_rope", False)
+    reconstruction = CurDKVPress(0.5, row_space="reconstruction_queries", rank=3)
+    assert (reconstruction.key_space, reconstruction.centre) == ("post_rope", False)
+    import curdkv
+
+    paper_keys = curdkv.get_press("curdkv-post-rope", 0.5)
+    assert (paper_keys.key_space, paper_keys.centre, paper_keys.estimator) == ("post_rope", False, "exact")
+    with pytest.raises(ValueError, match="apply to the exact estimator"):
+        CurDKVPress(0.5, estimator="projection", key_space="pre_rope")
+    # Without the attention module there is no RoPE to undo: the error says how to score the cached keys.
+    keys, values = make_states(30, 8, seed=2)
+    with pytest.raises(ValueError, match="curdkv-post-rope"):
+        default.score(view_of(keys, values))
 
 
 def test_the_study_options_reach_the_scores():
@@ -281,15 +299,15 @@ def test_the_study_options_reach_the_scores():
     values = torch.randn(1, 2, 40, 16, generator=g)
     view = ScoringView(keys=rotate(pre, "tiny-llama"), values=values, queries=None,
                        module=attention_module("tiny-llama"), layer_idx=0)
-    default = CurDKVPress(0.5).score(view)
-    assert torch.allclose(CurDKVPress(0.5, ridge=2e-6).score(view), default, atol=1e-5)  # same route, same scores
-    pre_rope = CurDKVPress(0.5, key_space="pre_rope").score(view)
+    cached = CurDKVPress(0.5, **CACHED).score(view)
+    assert torch.allclose(CurDKVPress(0.5, ridge=2e-6, **CACHED).score(view), cached, atol=1e-5)  # same scores
+    pre_rope = CurDKVPress(0.5, key_space="pre_rope", centre=False).score(view)
     unrotated = ScoringView(keys=unrotate(view.keys, view.module), values=values, queries=None, module=None,
                             layer_idx=0)
-    torch.testing.assert_close(pre_rope, CurDKVPress(0.5, ridge=2e-6).score(unrotated), rtol=1e-4, atol=1e-7)
-    assert not torch.allclose(pre_rope, default, atol=1e-4)  # RoPE changes leverage: the option matters
-    for options in ({"centre": True}, {"rank": 4}):
-        assert not torch.allclose(CurDKVPress(0.5, **options).score(view), default, atol=1e-4)
+    torch.testing.assert_close(pre_rope, CurDKVPress(0.5, ridge=2e-6, **CACHED).score(unrotated), rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(pre_rope, cached, atol=1e-4)  # RoPE changes leverage: the option matters
+    for options in ({"key_space": "post_rope", "centre": True}, {"rank": 4, **CACHED}):
+        assert not torch.allclose(CurDKVPress(0.5, **options).score(view), cached, atol=1e-4)
     with pytest.raises(ValueError, match="apply to the exact estimator"):
         CurDKVPress(0.5, estimator="projection", rank=4)
     with pytest.raises(ValueError, match="key_space must be one of"):
@@ -306,7 +324,7 @@ def test_key_leverage_in_the_window_queries_directions():
     keys = torch.randn(1, 2, 50, 16, generator=g)
     values = torch.randn(1, 2, 50, 16, generator=g)
     view = ScoringView(keys=keys, values=values, queries=queries, module=None, layer_idx=0)
-    press = CurDKVPress(0.5, row_space="window_queries", rank=3, window=20)
+    press = CurDKVPress(0.5, row_space="window_queries", rank=3, window=20, **CACHED)
     lk, lv = press.leverages(view)
     expected = subspace_leverage(keys.double() @ basis)  # the coordinates in any basis of the span
     torch.testing.assert_close(lk, expected, rtol=1e-5, atol=1e-7)
@@ -377,8 +395,8 @@ def test_leverage_mass_budgets_differ_by_layer_and_keep_the_ratio_on_average():
 @pytest.mark.parametrize("pooling", ["max", "avg"])
 def test_pooled_scores_are_the_neighbourhood_of_each_token_renormalised(pooling):
     keys, values = make_states(40, 8, seed=5)
-    plain = CurDKVPress(0.5).score(view_of(keys, values))
-    pooled = CurDKVPress(0.5, pool_kernel=5, pooling=pooling).score(view_of(keys, values))
+    plain = CurDKVPress(0.5, **CACHED).score(view_of(keys, values))
+    pooled = CurDKVPress(0.5, pool_kernel=5, pooling=pooling, **CACHED).score(view_of(keys, values))
     # The slow obvious pooling: each token's window of 5, cut at the edges.
     ref = torch.empty_like(plain)
     for t in range(40):
@@ -395,7 +413,7 @@ def test_max_pooling_keeps_the_neighbours_of_a_high_leverage_token():
     keys, values = make_states(60, 8, seed=1)
     keys[:, :, 30] *= 40  # one key far out: the top leverage of every head
     values[:, :, 30] *= 40
-    kept = compress_states(CurDKVPress(0.8, num_sinks=0, pool_kernel=5), keys, values, None, None, 0)[0]
+    kept = compress_states(CurDKVPress(0.8, num_sinks=0, pool_kernel=5, **CACHED), keys, values, None, None, 0)[0]
     assert kept.shape[2] == 12
     # Every head keeps tokens 28..32 as whole keys: find them among the kept keys.
     for b in range(keys.shape[0]):

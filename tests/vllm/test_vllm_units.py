@@ -14,7 +14,7 @@ from engine_setup import model_dir  # noqa: E402,F401 (a fixture)
 from curdkv.runtime.layer import select_tokens  # noqa: E402
 from curdkv.vllm.compaction import compact_layer
 from curdkv.vllm.metadata import CompressOrder  # noqa: E402
-from curdkv.vllm.config import CompressionSpec  # noqa: E402
+from curdkv.vllm.config import CompressionSpec, ModelRope, plain_rope, unsupported_reasons  # noqa: E402
 from curdkv.vllm.paged import RegionLayout, slots_of, write_tokens  # noqa: E402
 
 
@@ -44,9 +44,10 @@ def test_compaction_keeps_the_press_choice_and_moves_the_tail():
     press = curdkv.get_press("curdkv", 0.6)
     kept = press.layer_keep(context, 0, 30)
     order = CompressOrder("r", CompressionSpec("curdkv", 0.6), context, context + tail, kept, tuple(blocks))
-    chosen = compact_layer(cache, layout, isa, 3, press, order)
+    rope = plain_rope(dim)
+    chosen = compact_layer(cache, layout, isa, 3, press, order, rope)
     k_all, v_all = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
-    expected = select_tokens(press, k_all[:, :, :context], v_all[:, :, :context], None, None, 3, n_keep=kept)[0]
+    expected = select_tokens(press, k_all[:, :, :context], v_all[:, :, :context], None, rope, 3, n_keep=kept)[0]
     assert torch.equal(chosen, expected)
     read_keys, read_values = layout.read(cache, blocks, kept + tail)
     for h in range(heads):
@@ -74,6 +75,19 @@ def test_bad_settings_name_the_parameter_and_what_it_may_be(options, match):
 def test_supported_presses_score_from_keys_and_values_alone():
     assert {"curdkv", "curdkv-sketch", "knorm", "random", "streamingllm"} <= set(curdkv.vllm.supported_presses())
     assert "snapkv" not in curdkv.vllm.supported_presses()
+
+
+def test_presses_that_undo_rope_read_the_served_models_config():
+    """CurDKV's default undoes RoPE from the model's config; a model whose RoPE it cannot undo is refused
+    with an error that names the press that scores the cached keys instead."""
+    from types import SimpleNamespace
+
+    press = curdkv.get_press("curdkv", 0.5)
+    assert press.key_space == "pre_rope" and not unsupported_reasons(press, plain_rope(64))
+    unknown_rope = ModelRope(SimpleNamespace(head_dim=16, rope_parameters={"rope_type": "no-such", "rope_theta": 1e4}))
+    reasons = unsupported_reasons(press, unknown_rope)
+    assert len(reasons) == 1 and "rope_type must be one of" in reasons[0] and "curdkv-post-rope" in reasons[0]
+    assert not unsupported_reasons(curdkv.get_press("curdkv-post-rope", 0.5), unknown_rope)
 
 
 def engine_config(model_dir, **overrides):

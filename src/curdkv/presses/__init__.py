@@ -27,6 +27,7 @@ from .window import WindowPress
 PRESSES: dict[str, Callable[..., Press]] = {
     "curdkv": CurDKVPress,
     "curdkv-sketch": lambda **kw: CurDKVPress(estimator="projection", **kw),
+    "curdkv-post-rope": lambda **kw: CurDKVPress(key_space="post_rope", centre=False, **kw),
     "snapkv": SnapKVPress,
     "chunkkv": ChunkKVPress,
     "knorm": KNormPress,
@@ -34,6 +35,7 @@ PRESSES: dict[str, Callable[..., Press]] = {
     "random": RandomPress,
     "adacurdkv": AdaCurDKVPress,
     "adacurdkv-sketch": lambda **kw: AdaCurDKVPress(estimator="projection", **kw),
+    "adacurdkv-post-rope": lambda **kw: AdaCurDKVPress(key_space="post_rope", centre=False, **kw),
     "adasnapkv": AdaSnapKVPress,
     "pyramidkv": PyramidKVPress,
     "lava": LAVaPress,

@@ -164,11 +164,34 @@ class CurDKVPress(Press):
     ============================  =====  =====
 
     The best other presses score 31.9 (StreamingLLM) at 50% and 9.2
-    (KNorm) at 90%. So the default is the exact estimator with the paper's
+    (KNorm) at 90%. So the estimator is the exact one, with the paper's
     ``kv_product`` and whole-context normalisation (``local_window=None``):
-    both of the paper's choices beat the alternatives measured; only the
-    estimator departs from Algorithm 1. ``estimator="projection"`` (registry name
-    ``curdkv-sketch``) is the paper's method.
+    both of the paper's choices beat the alternatives measured.
+
+    Default states: pre-RoPE, centred keys and centred values, not the
+    cached post-RoPE states the paper scores. RoPE turns a key by an angle
+    that depends on its position, which spreads keys of the same content
+    over directions that leverage then reads as distinct; undoing it
+    (:func:`curdkv.presses.rope.unrotate`) and removing each head's mean
+    (Compactor's two choices) leaves the directions the content spans.
+    Measured one factor at a time and then side by side on the same samples
+    (RULER 4K, question-agnostic, 13-task average), it wins on both models:
+
+    ==========================  ====  ====  ====  ====
+    model, keys                  30%   50%   70%   90%
+    ==========================  ====  ====  ====  ====
+    0.5B, post-RoPE (paper)        —  64.1  55.8  49.5
+    0.5B, pre-RoPE centred         —  65.1  58.1  51.8
+    1.5B, post-RoPE (paper)     74.6  71.8  62.4  47.7
+    1.5B, pre-RoPE centred      75.1  72.7  62.5  51.4
+    ==========================  ====  ====  ====  ====
+
+    (``results/ruler-qwen2.5-coder-0.5b-4k/study/``, 22 samples per task;
+    ``results/ruler-qwen2.5-coder-1.5b-4k/wide/``, 25.) The paper's
+    post-RoPE keys stay reachable as ``key_space="post_rope", centre=False``
+    (registry name ``curdkv-post-rope``); ``estimator="projection"``
+    (registry name ``curdkv-sketch``) is the paper's whole method, and it
+    scores the cached states unless told otherwise.
 
     Options, for the paper's ablations and ours:
 
@@ -180,21 +203,23 @@ class CurDKVPress(Press):
       ``"kv_avg"`` (mean of the separately normalised key and value scores).
     - ``local_window``: normalise within windows of this many tokens (the
       authors' released code uses 16) instead of over the whole context.
-    - For the study of what moves accuracy (defaults change nothing):
-      ``key_space="pre_rope"`` scores keys with RoPE undone
-      (:func:`curdkv.presses.rope.unrotate`, Compactor's choice); ``centre``
-      subtracts each head's mean key and value first; ``ridge`` is the
-      whitening's (``1e-6``); ``rank`` measures leverage in only the
-      ``rank`` leading singular directions; ``row_space="window_queries"``
-      measures key leverage in the ``rank`` leading directions of the last
-      ``window`` queries of the key's GQA group instead (the directions
-      attention reads keys along, which softmax(QKᵀ)V's dominant subspace is
-      made of); ``row_space="reconstruction_queries"`` takes the
-      directions from the queries of KVzip's passes that ask the model to
-      repeat its context (:mod:`curdkv.runtime.reconstruction`, about two
-      more prefills, so not a single-pass press). ``ridge``, ``rank`` and the
-      query row spaces take the float64 route of :func:`subspace_leverage`;
-      pre-RoPE keys and centring alone take the default's (exact estimator only).
+    - ``key_space`` (``"pre_rope"`` or ``"post_rope"``) and ``centre``:
+      the states scored, as above. Left unset they are pre-RoPE and
+      centred, except for the routes that read the cached states (the
+      sketch, reconstruction queries), where they are post-RoPE and not
+      centred.
+    - For the study of what moves accuracy: ``ridge`` is the whitening's
+      (``1e-6``); ``rank`` measures leverage in only the ``rank`` leading
+      singular directions; ``row_space="window_queries"`` measures key
+      leverage in the ``rank`` leading directions of the last ``window``
+      queries of the key's GQA group instead (the directions attention
+      reads keys along, which softmax(QKᵀ)V's dominant subspace is made
+      of); ``row_space="reconstruction_queries"`` takes the directions from
+      the queries of KVzip's passes that ask the model to repeat its
+      context (:mod:`curdkv.runtime.reconstruction`, about two more
+      prefills, so not a single-pass press). These take the float64 route
+      of :func:`subspace_leverage`; the default's states alone take the
+      fast routes.
     - ``layer_budget="leverage_mass"``: layers get different budgets (the
       model's mean stays the ratio's): every head's scores are a
       distribution, and the tokens above one threshold over all layers and
@@ -210,12 +235,11 @@ class CurDKVPress(Press):
       whole UUID) rather than fragments.
 
     Measured one at a time (RULER 4K, Qwen2.5-Coder-0.5B, 22 samples per task,
-    ``results/ruler-qwen2.5-coder-0.5b-4k/study/study.md``): pre-RoPE centred keys
-    add 1.0 / 2.3 / 2.3 points at 50 / 70 / 90%, leverage-mass layer budgets
-    +2.1 at 50% but -2.4 at 90%; the ridge does not matter, a lower rank loses
-    (unless measured in the queries' directions, which recover full rank), and
-    pooling hurts at 50%. The defaults stay the paper's until a second model
-    confirms a variant.
+    ``results/ruler-qwen2.5-coder-0.5b-4k/study/study.md``): besides the
+    states above, leverage-mass layer budgets add 2.1 at 50% but lose 2.4 at
+    90% (and lose at 90% on the 1.5B model too); the ridge does not matter,
+    a lower rank loses (unless measured in the queries' directions, which
+    recover full rank), and pooling hurts at 50%.
 
     Implementation notes: the exact estimator scales columns to unit norm
     and adds a ridge of 1e-6 (finite on rank-deficient heads); on CUDA with
@@ -226,7 +250,9 @@ class CurDKVPress(Press):
     is one per KV head, drawn from a generator seeded with ``seed``, shared
     by K and V (one per head size where they differ) and by all layers, so
     runs repeat exactly. Scores are float32
-    whatever the model dtype; keys are post-RoPE as cached.
+    whatever the model dtype. Undoing RoPE needs the attention module's
+    config (``ScoringView.module``): where a caller has none, or the model's
+    RoPE is partial, the error says to score the cached keys instead.
 
     Scores are normalised per head, so they are comparable across heads in the
     sense the paper's AdaCurDKVPress uses (each head's scores form a distribution).
@@ -238,8 +264,8 @@ class CurDKVPress(Press):
     local_window: int | None = None
     num_sinks: int = 4
     seed: int = 0
-    key_space: str = "post_rope"
-    centre: bool = False
+    key_space: str | None = None
+    centre: bool | None = None
     ridge: float = DEFAULT_RIDGE
     rank: int | None = None
     row_space: str = "keys"
@@ -258,12 +284,19 @@ class CurDKVPress(Press):
         check_int("local_window", self.local_window, 1, allow_none=True)
         check_int("num_sinks", self.num_sinks, 0)
         check_int("seed", self.seed, 0)
-        check_choice("key_space", self.key_space, KEY_SPACES)
-        if not isinstance(self.centre, bool):
-            raise ValueError(f"centre must be True or False, got {self.centre!r}")
         check_float("ridge", self.ridge, 0.0)
         check_int("rank", self.rank, 1, allow_none=True)
         check_choice("row_space", self.row_space, ROW_SPACES)
+        # The one rule for the states' defaults: pre-RoPE centred keys and centred values, except where a
+        # route reads the cached post-RoPE states (the paper's sketch, reconstruction queries).
+        cached_states = self.estimator == "projection" or self.row_space == "reconstruction_queries"
+        if self.key_space is None:
+            self.key_space = "post_rope" if cached_states else "pre_rope"
+        if self.centre is None:
+            self.centre = not cached_states
+        check_choice("key_space", self.key_space, KEY_SPACES)
+        if not isinstance(self.centre, bool):
+            raise ValueError(f"centre must be True or False, got {self.centre!r}")
         check_int("window", self.window, 1)
         check_choice("layer_budget", self.layer_budget, LAYER_BUDGETS)
         check_odd_kernel("pool_kernel", self.pool_kernel)
@@ -274,9 +307,10 @@ class CurDKVPress(Press):
         if self.row_space == "reconstruction_queries" and self.key_space != "post_rope":
             raise ValueError("row_space='reconstruction_queries' gathers post-RoPE queries at positions after the "
                              "context; key_space must be 'post_rope'")
-        if self.studied and self.estimator != "exact":
-            raise ValueError("key_space, centre, ridge and rank apply to the exact estimator; "
-                             f"estimator={self.estimator!r} takes none of them")
+        if (self.transforms_states or self.subspace_route) and self.estimator != "exact":
+            raise ValueError("key_space='pre_rope', centre, ridge, rank and row_space apply to the exact estimator; "
+                             f"estimator={self.estimator!r} scores the cached post-RoPE keys and values "
+                             "(key_space='post_rope', centre=False)")
         self._projections: dict[tuple, torch.Tensor] = {}
         self._projection_terms: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -301,10 +335,21 @@ class CurDKVPress(Press):
         return self._projections[key]
 
     @property
-    def studied(self) -> bool:
-        """Whether any of the study's options departs from the default."""
-        return (self.key_space != "post_rope" or self.centre or self.ridge != DEFAULT_RIDGE
-                or self.rank is not None or self.row_space != "keys")
+    def transforms_states(self) -> bool:
+        """Whether the keys and values scored differ from the cached ones (pre-RoPE keys, centring)."""
+        return self.key_space == "pre_rope" or self.centre
+
+    @property
+    def subspace_route(self) -> bool:
+        """Whether leverage is measured in a chosen subspace (ridge, rank, query row space): the float64 route.
+
+        Without these options the fast routes of the default measure the
+        (transformed) states: whole-rank leverage is the same quantity the
+        float64 eigendecomposition computes, at the default's cost (on a 0.5B
+        model at 4K tokens, prefill plus compression at 1.55x the prefill
+        against 3.36x by the float64 route).
+        """
+        return self.ridge != DEFAULT_RIDGE or self.rank is not None or self.row_space != "keys"
 
     @property
     def query_window(self) -> int:
@@ -332,22 +377,9 @@ class CurDKVPress(Press):
         check_budget(seq_len, n_keep, self.protected_sinks, self.protected_recent)
         return shared_threshold_keeps(scores, n_keep, seq_len, self.num_sinks)
 
-    @property
-    def changes_states_only(self) -> bool:
-        """Whether the study's options only change the states measured (pre-RoPE keys, centring).
-
-        Then the default's fast routes measure them: whole-rank leverage of
-        the transformed states is the same quantity as the float64
-        eigendecomposition computes, at the default's cost (the study's run on
-        a 0.5B model at 4K tokens measured prefill plus compression at 1.55×
-        the prefill for the default against 3.36× by the float64 route).
-        """
-        return self.ridge == DEFAULT_RIDGE and self.rank is None and self.row_space == "keys"
-
     def transformed_states(self, view: ScoringView) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (pre-RoPE if asked) and values, centred per head if asked, in the dtype the leverage route reads."""
-        keys = unrotate(view.keys, view.module, positions=view.positions) if self.key_space == "pre_rope" \
-            else view.keys.float()
+        keys = self.pre_rope_keys(view) if self.key_space == "pre_rope" else view.keys.float()
         values = view.values.float()
         if self.centre:
             keys = keys - keys.mean(dim=-2, keepdim=True)
@@ -357,14 +389,18 @@ class CurDKVPress(Press):
         dtype = view.keys.dtype if fast_path_available(view.keys) else torch.float32
         return keys.to(dtype), values.to(dtype)
 
+    def pre_rope_keys(self, view: ScoringView) -> torch.Tensor:
+        """The view's keys with RoPE undone (float32), or an error that says how to score the cached keys."""
+        try:
+            return unrotate(view.keys, view.module, positions=view.positions)
+        except ValueError as error:
+            raise ValueError(f"{error}. CurDKV scores pre-RoPE keys by default; key_space='post_rope' "
+                             "(registry name 'curdkv-post-rope') scores the cached keys and needs no RoPE") from error
+
     def leverages(self, view: ScoringView) -> tuple[torch.Tensor, torch.Tensor]:
         """Unnormalised key and value leverage, each float32 ``[B, H_kv, N]``."""
-        if self.studied and self.changes_states_only:
-            return exact_leverages(*self.transformed_states(view))
-        if self.studied:
-            keys = view.keys
-            if self.key_space == "pre_rope":
-                keys = unrotate(keys, view.module, positions=view.positions)
+        if self.subspace_route:
+            keys = self.pre_rope_keys(view) if self.key_space == "pre_rope" else view.keys
             # In a query row space the rank is spent on the query directions the keys are projected on.
             rank = self.rank if self.row_space == "keys" else None
             if self.row_space != "keys":
@@ -372,7 +408,8 @@ class CurDKVPress(Press):
             return (subspace_leverage(keys, self.ridge, rank, self.centre),
                     subspace_leverage(view.values, self.ridge, rank, self.centre))
         if self.estimator == "exact":
-            return exact_leverages(view.keys, view.values)
+            return exact_leverages(*self.transformed_states(view)) if self.transforms_states \
+                else exact_leverages(view.keys, view.values)
         return self.projected(view.keys, view.num_kv_heads), self.projected(view.values, view.num_kv_heads)
 
     def in_query_directions(self, keys: torch.Tensor, view: ScoringView) -> torch.Tensor:

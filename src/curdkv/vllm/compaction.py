@@ -17,18 +17,19 @@ import torch
 
 from ..presses import Press
 from ..runtime.layer import select_tokens
+from .config import ModelRope
 from .metadata import CompressOrder
 from .paged import RegionLayout, slots_of, write_tokens
 
 
 @torch.no_grad()
 def compact_layer(kv_cache: torch.Tensor, layout: RegionLayout, isa: str, layer_idx: int, press: Press,
-                  order: CompressOrder) -> torch.Tensor:
+                  order: CompressOrder, rope: ModelRope) -> torch.Tensor:
     """Compress one layer of one request in place; returns the kept context indices ``[H_kv, kept]``."""
     blocks = list(order.block_ids)
     keys, values = layout.read(kv_cache, blocks, order.kv_tokens)  # [H_kv, L, D] copies
     context = order.context_tokens
-    chosen = select_tokens(press, keys[None, :, :context], values[None, :, :context], None, None, layer_idx,
+    chosen = select_tokens(press, keys[None, :, :context], values[None, :, :context], None, rope, layer_idx,
                            n_keep=order.kept)[0]
     index = chosen[:, :, None].expand(-1, -1, keys.shape[-1])
     kept_keys = torch.cat([keys[:, :context].gather(1, index), keys[:, context:]], dim=1)

@@ -35,8 +35,9 @@ class CompressionSpec:
 
 
 def spec_from_mapping(mapping, where: str, base: CompressionSpec | None = None,
-                      allowed: tuple[str, ...] = ENGINE_KEYS) -> CompressionSpec:
-    """A checked :class:`CompressionSpec` from engine or request settings (``base`` fills what is missing)."""
+                      allowed: tuple[str, ...] = ENGINE_KEYS, rope: ModelRope | None = None) -> CompressionSpec:
+    """A checked :class:`CompressionSpec` from engine or request settings (``base`` fills what is missing),
+    on the served model's RoPE where it is known."""
     if not isinstance(mapping, dict):
         raise ValueError(f"{where} must be a dict with keys from {list(allowed)}, got {mapping!r}")
     unknown = sorted(set(mapping) - set(allowed))
@@ -54,7 +55,7 @@ def spec_from_mapping(mapping, where: str, base: CompressionSpec | None = None,
     if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
         raise ValueError(f"{where}['press_options'] must be a dict of press constructor arguments, got {options!r}")
     spec = CompressionSpec(press, float(ratio), tuple(sorted(options.items())))
-    check_supported(spec.build(), where)
+    check_supported(spec.build(), where, rope)
     return spec
 
 
@@ -67,9 +68,37 @@ def context_tokens_from(mapping, where: str, prompt_tokens: int) -> int:
     return value
 
 
-def unsupported_reasons(press: Press) -> list[str]:
-    """Why the paged cache cannot serve ``press`` (empty: it can). It must keep the same count of tokens per
-    head at every layer and score from keys and values alone: vLLM keeps no queries or attention modules for it."""
+@dataclass(frozen=True)
+class ModelRope:
+    """What a press reads of a layer inside vLLM in place of the HF attention module: the model's config.
+
+    vLLM keeps no transformers attention modules, but its model config is a
+    transformers config, and a press that undoes RoPE (CurDKV's default
+    pre-RoPE keys) needs nothing else (:func:`curdkv.presses.rope.unrotate`).
+    The paged cache holds post-RoPE keys at positions ``0 .. context - 1``,
+    as the HF cache after a prefill does.
+    """
+
+    config: object
+
+    @property
+    def head_dim(self) -> int:
+        config = self.config
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def plain_rope(head_dim: int = 16) -> ModelRope:
+    """A model with plain RoPE, to check a press before the served model is known."""
+    from transformers import LlamaConfig
+
+    return ModelRope(LlamaConfig(hidden_size=2 * head_dim, num_attention_heads=2, num_key_value_heads=2,
+                                 head_dim=head_dim))
+
+
+def unsupported_reasons(press: Press, rope: ModelRope | None = None) -> list[str]:
+    """Why the paged cache cannot serve ``press`` (empty: it can), on the model whose config ``rope`` holds
+    (default: one with plain RoPE). It must keep the same count of tokens per head at every layer and score
+    from keys, values and the model's RoPE alone: vLLM keeps no queries or attention modules for it."""
     reasons = []
     if press.head_adaptive:
         reasons.append("its heads keep different counts (head-adaptive)")
@@ -83,18 +112,19 @@ def unsupported_reasons(press: Press) -> list[str]:
         reasons.append("its layers keep different counts")
     if reasons:
         return reasons
-    try:  # module=None: a press that reads the attention module (RoPE, W_o) fails here, not mid-serving
+    rope = rope or plain_rope()
+    try:  # a press that reads more of the attention module than its RoPE (W_o, say) fails here, not mid-serving
         gen = torch.Generator().manual_seed(0)
-        keys, values = torch.randn(2, 1, 2, 64, 16, generator=gen)
-        if not bool(torch.isfinite(layer_scores(press, keys, values, None, None, 0)).all()):
+        keys, values = torch.randn(2, 1, 2, 64, rope.head_dim, generator=gen)
+        if not bool(torch.isfinite(layer_scores(press, keys, values, None, rope, 0)).all()):
             reasons.append("it returned non-finite scores on a test layer")
     except Exception as error:  # noqa: BLE001 - any failure means this press cannot run here
-        reasons.append(f"scoring without queries or the attention module failed ({error})")
+        reasons.append(f"scoring from keys, values and the model's RoPE failed ({error})")
     return reasons
 
 
-def check_supported(press: Press, where: str) -> None:
-    reasons = unsupported_reasons(press)
+def check_supported(press: Press, where: str, rope: ModelRope | None = None) -> None:
+    reasons = unsupported_reasons(press, rope)
     if reasons:
         raise ValueError(f"{where}['press']={press.name!r} cannot run inside vLLM: " + "; ".join(reasons)
                          + f". Supported presses: {supported_presses()}")

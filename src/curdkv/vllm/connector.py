@@ -41,6 +41,7 @@ from .config import (
     EXTRA_ARGS_KEY,
     REQUEST_KEYS,
     CompressionSpec,
+    ModelRope,
     context_tokens_from,
     spec_from_mapping,
 )
@@ -70,7 +71,8 @@ class CurDKVConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config, role, kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
-        self.spec = spec_from_mapping(extra, "kv_connector_extra_config")
+        self._rope = ModelRope(vllm_config.model_config.hf_config)
+        self.spec = spec_from_mapping(extra, "kv_connector_extra_config", rope=self._rope)
         self.num_layers = check_engine(vllm_config, kv_cache_config)
         self.block_size = vllm_config.cache_config.block_size
         self._presses: dict[CompressionSpec, Any] = {}
@@ -125,7 +127,7 @@ class CurDKVConnector(KVConnectorBase_V1):
             if not isinstance(options, dict):
                 raise ValueError(f"{where} must be a dict with keys from {list(REQUEST_KEYS)} or False, got {options!r}")
             spec = self.spec if not options else spec_from_mapping(
-                {k: v for k, v in options.items() if k != "context_tokens"}, where, self.spec, REQUEST_KEYS)
+                {k: v for k, v in options.items() if k != "context_tokens"}, where, self.spec, REQUEST_KEYS, self._rope)
             context = context_tokens_from(options or {}, where, request.num_prompt_tokens)
             press = self.press(spec)
             press.check_context(context)
@@ -220,7 +222,7 @@ class CurDKVConnector(KVConnectorBase_V1):
         for order in meta.orders:
             press = self.press(order.spec)
             for layer_idx, kv_cache in self._layers:
-                compact_layer(kv_cache, self._layout, self._isa, layer_idx, press, order)
+                compact_layer(kv_cache, self._layout, self._isa, layer_idx, press, order, self._rope)
             self._shorten_block_table(order)
 
     def _shorten_block_table(self, order: CompressOrder) -> None:
