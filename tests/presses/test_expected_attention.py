@@ -27,7 +27,8 @@ def mean_rotation(arch: str, positions, d: int) -> torch.Tensor:
 
 
 def reference(pre_queries, keys, values, arch, sinks, future, covariance=True, value_norm=True):
-    """Float64, head by head: Gaussian queries moved by the mean rotation, softmax of the expected logits."""
+    """Float64, head by head: Gaussian queries moved by the mean rotation, softmax of the expected logits
+    over the tokens after the sinks (the sinks scored as each head's best)."""
     b, h, n, d = pre_queries.shape
     h_kv = keys.shape[1]
     group = h // h_kv
@@ -39,11 +40,12 @@ def reference(pre_queries, keys, values, arch, sinks, future, covariance=True, v
             q = pre_queries[i, head, sinks:].double()
             mu = rot @ q.mean(0)
             cov = rot @ torch.cov(q.T, correction=0) @ rot.T
-            k = keys[i, head // group].double()
+            k = keys[i, head // group, sinks:].double()
             logits = s * k @ mu + (s * s / 2 * (k @ cov * k).sum(-1) if covariance else 0)
-            out[i, head // group] += logits.softmax(0) / group
+            out[i, head // group, sinks:] += logits.softmax(0) / group
     if value_norm:
-        out *= values.double().norm(dim=-1)
+        out[..., sinks:] *= values[:, :, sinks:].double().norm(dim=-1)
+    out[..., :sinks] = out[..., sinks:].max(-1, keepdim=True).values
     return out
 
 
@@ -79,6 +81,32 @@ def test_the_query_statistics_leave_the_sinks_out():
                                        module=attention_module(arch), layer_idx=0))
 
     torch.testing.assert_close(scores(loud), scores(pre_q), rtol=1e-4, atol=1e-6)
+
+
+def test_the_sinks_take_no_share_of_the_softmax():
+    """A sink key that draws nearly all of one query head's attention changes no other token's score.
+
+    With the sinks in the softmax, that head's probabilities shrank by its sink mass, so it counted
+    for nothing in its GQA group's average and ranked below every other head under AdaKV.
+    """
+    arch = "tiny-llama"
+    g = torch.Generator().manual_seed(2)
+    pre_q = torch.randn(1, 4, 50, 16, generator=g)
+    pre_q[:, 0] += 3 * torch.randn(16, generator=g)  # query head 0 has a strong mean direction
+    pre_k = torch.randn(1, 2, 50, 16, generator=g)
+    values = torch.randn(1, 2, 50, 16, generator=g)
+    press = ExpectedAttentionPress(0.5, num_sinks=2)
+    module = attention_module(arch)
+
+    def scores(k):
+        return press.score(ScoringView(keys=rotate(k, arch), values=values, queries=rotate(pre_q, arch),
+                                       module=module, layer_idx=0))
+
+    loud = pre_k.clone()
+    loud[:, 0, 1] = 4 * pre_q[0, 0, 2:].mean(0)  # the sink at position 1 aligned with head 0's queries
+    plain, sunk = scores(pre_k), scores(loud)
+    torch.testing.assert_close(sunk[..., 2:], plain[..., 2:], rtol=1e-4, atol=1e-7)
+    assert torch.equal(sunk[..., :2], sunk[..., 2:].amax(-1, keepdim=True).expand(-1, -1, 2))
 
 
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])

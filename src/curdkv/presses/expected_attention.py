@@ -21,19 +21,29 @@ class ExpectedAttentionPress(Press):
     next ``future_positions`` positions by RoPE's average rotation ``R``. A
     key's expected attention logit is then
     ``s * (R mu) . k + s^2 / 2 * k^T (R Sigma R^T) k`` (``s`` the attention
-    scaling: the moment-generating function of a Gaussian), softmaxed over the
-    context per query head, averaged over the GQA group, and multiplied by
-    the value's norm (``use_value_norm``), since a token contributes to the
-    output in proportion to it.
+    scaling: the moment-generating function of a Gaussian), softmaxed per
+    query head over the context's tokens after the sinks, averaged over the
+    GQA group, and multiplied by the value's norm (``use_value_norm``), since
+    a token contributes to the output in proportion to it:
+    ``(p + epsilon) * ||v||``.
 
-    Differences from the paper's reference implementation (kvpress): the
-    query statistics come from the recorded post-RoPE queries of every
-    context token, un-rotated with the model's own RoPE
-    (:func:`curdkv.presses.rope.unrotate`), rather than from projecting the
-    hidden states with ``q_proj``: so they include Qwen3's ``q_norm``, which
-    kvpress cannot handle, and no projection is recomputed. The sinks are
-    protected by the shared selection instead of being padded with the
-    maximum score. The statistics are computed in float32.
+    The sinks are left out of the softmax, as in the paper's reference
+    implementation (kvpress's ``ExpectedAttentionPress``): they are kept
+    whatever their score, and with them in the normaliser every other token's
+    probability in a query head shrinks by that head's sink mass. A head
+    whose sinks draw nearly all the attention (common: attention sinks) then
+    counted for almost nothing in the GQA average, and its tokens ranked low
+    against other heads' under head-adaptive budgets (``AdaKVPress``). The
+    sinks' own scores are each head's highest score.
+
+    Differences from kvpress: the query statistics come from the recorded
+    post-RoPE queries of every context token, un-rotated with the model's own
+    RoPE (:func:`curdkv.presses.rope.unrotate`), rather than from projecting
+    the hidden states with ``q_proj`` again (the same pre-RoPE queries, after
+    ``q_norm`` where the model has one, with no projection recomputed). The
+    sinks are protected by the shared selection instead of being padded with
+    the layer's maximum score plus one. The statistics and the scores are
+    computed in float32, whatever the cache's dtype.
     """
 
     future_positions: int = 512
@@ -96,15 +106,20 @@ class ExpectedAttentionPress(Press):
             raise ValueError(f"{h} query heads cannot share {h_kv} KV heads evenly")
         group = h // h_kv
         s = view.scaling
-        scores = torch.empty(b, h_kv, view.seq_len, dtype=torch.float32, device=mean.device)
+        n = view.seq_len
+        first = min(self.num_sinks, n)  # the sinks are kept anyway: they take no share of the softmax
+        scores = torch.empty(b, h_kv, n, dtype=torch.float32, device=mean.device)
         for j in range(h_kv):  # one KV head at a time: the [G, N, D] products stay small at any length
-            keys = view.keys[:, j].float()  # [B, N, D]
+            keys = view.keys[:, j, first:].float()  # [B, N - sinks, D]
             heads = slice(j * group, (j + 1) * group)
             logits = s * torch.einsum("bgd,bnd->bgn", mean[:, heads], keys)
             if covariance is not None:
                 spread = torch.einsum("bnd,bgde->bgne", keys, covariance[:, heads])
                 logits += s * s / 2 * (spread * keys[:, None]).sum(-1)
-            scores[:, j] = logits.softmax(dim=-1).mean(dim=1)
+            scores[:, j, first:] = logits.softmax(dim=-1).mean(dim=1)
         if self.use_value_norm:
-            scores = (scores + self.epsilon) * torch.linalg.vector_norm(view.values, dim=-1, dtype=torch.float32)
+            scores[..., first:] = (scores[..., first:] + self.epsilon) * torch.linalg.vector_norm(
+                view.values[:, :, first:], dim=-1, dtype=torch.float32)
+        if first:  # query_statistics refused a context of sinks alone
+            scores[..., :first] = scores[..., first:].amax(dim=-1, keepdim=True)
         return scores
