@@ -24,6 +24,8 @@ import types
 
 import torch
 
+from curdkv.models import random_config
+
 import curdkv
 from curdkv.bench.timing import copy_bandwidth, device_seconds, gpu_time, median_seconds, overlapped_seconds
 from curdkv.report import environment
@@ -43,7 +45,8 @@ def llama_layer(n: int, device: torch.device):
     b, h_kv, h, d = LAYER_SHAPE
     keys, values = states(b, h_kv, n, d, torch.bfloat16, device), states(b, h_kv, n, d, torch.bfloat16, device, 1)
     queries = states(b, h, 64, d, torch.bfloat16, device, 2)
-    return keys, values, queries, types.SimpleNamespace(scaling=d**-0.5, layer_idx=0)
+    config = random_config("llama-3.1-8b")  # its RoPE, which CurDKV's default undoes
+    return keys, values, queries, types.SimpleNamespace(scaling=d**-0.5, layer_idx=0, config=config)
 
 
 def states(b, h_kv, n, d, dtype, device, seed=0):
