@@ -27,6 +27,21 @@ def chunked(model_dir):
     close(llm)
 
 
+def assert_window_is_hfs(model_dir, buffer, context_ids: list[int]) -> None:
+    """The captured window ``[layers, W, H * D]`` holds the queries curdkv records in the HF model."""
+    import torch
+
+    import curdkv
+    from curdkv.runtime.capture import capture_ids
+    from curdkv.vllm.queries import layer_queries
+
+    model, _ = curdkv.load_model(model_dir, dtype="float32", device="cpu")
+    hf = capture_ids(model, torch.tensor([context_ids]), query_window=64).queries
+    heads = model.config.num_attention_heads
+    for layer, expected in enumerate(hf):
+        torch.testing.assert_close(layer_queries(buffer, layer, heads), expected, atol=2e-3, rtol=1e-3)
+
+
 def test_a_window_split_across_prefill_chunks_answers_as_curdkv(chunked, model_dir):
     expected = curdkv_answers(model_dir, "snapkv", 0.5)
     connector = scheduler_of(chunked).connector
@@ -39,20 +54,22 @@ def test_a_window_split_across_prefill_chunks_answers_as_curdkv(chunked, model_d
             slices.setdefault(req_id, []).append(part)
         return meta
 
+    captured = {}
+    queries = worker_connector(chunked)._queries
+    take = queries.take
+    queries.take = lambda req_id: captured.setdefault(req_id, take(req_id))
     start = free_blocks(chunked)
     tokenizer = chunked.get_tokenizer()
-    prompts, params = [], []
-    for i in range(2):
-        prompt, context_tokens = needle_prompt(tokenizer, i)
-        prompts.append(prompt)
-        params.append(greedy(12, context_tokens=context_tokens))
+    prompts, contexts = zip(*(needle_prompt(tokenizer, i) for i in range(2)))
+    params = [greedy(12, context_tokens=n) for n in contexts]
     connector.build_connector_meta = recording
     try:
-        answers = texts(chunked.generate(prompts, params, use_tqdm=False))
+        answers = texts(chunked.generate(list(prompts), params, use_tqdm=False))
     finally:
-        del connector.build_connector_meta
-    split = [parts for parts in slices.values() if len(parts) == 2]
-    assert split and [p.stop - p.start for p in split[0]] == [64 - SPLIT, SPLIT]
-    assert answers == expected
+        del connector.build_connector_meta, queries.take
+    first = next(iter(slices))  # needle 0's: scheduled first, its first chunk holds part of its window
+    assert [p.stop - p.start for p in slices[first]] == [64 - SPLIT, SPLIT]
+    assert_window_is_hfs(model_dir, captured[first], prompts[0]["prompt_token_ids"][: contexts[0]])
+    assert answers == expected, (answers, expected)
     assert free_blocks(chunked) == start
     assert not connector._tracked and len(worker_connector(chunked)._queries) == 0
