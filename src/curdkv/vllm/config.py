@@ -125,7 +125,9 @@ def unsupported_reasons(press: Press, rope: ModelRope | None = None) -> list[str
         reasons.append("it needs the whole prefill, lookahead decoding or reconstruction passes")
     if press.calibrates:
         reasons.append("it chooses its ratio from the context's likelihood")
-    if len({press.layer_keep(1000, i, 32) for i in range(32)}) > 1:
+    # At ratio 0 every layer keeps all, whatever the press does at the ratio a request brings later.
+    sized = press if press.compression_ratio else press.with_ratio(0.5)
+    if len({sized.layer_keep(1000, i, 32) for i in range(32)}) > 1:
         reasons.append("its layers keep different counts")
     if reasons:
         return reasons
