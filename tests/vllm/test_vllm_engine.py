@@ -73,9 +73,10 @@ def curdkv_answers(model_dir, press: str, ratio: float, needles=range(2)) -> lis
     return expected
 
 
-@pytest.mark.parametrize("press,ratio", [("curdkv", 0.5), ("curdkv", 0.9), ("snapkv", 0.5)])
+@pytest.mark.parametrize("press,ratio", [("curdkv", 0.5), ("curdkv", 0.9), ("snapkv", 0.5), ("chunkkv", 0.5),
+                                         ("morphkv", 0.5), ("obcache", 0.5)])
 def test_answers_equal_curdkv_prefill_then_ask(compressing, model_dir, press, ratio):
-    """What CompressedContext.ask does; SnapKV reads the window queries the worker captured."""
+    """What CompressedContext.ask does; the window presses read the queries the worker captured."""
     expected = curdkv_answers(model_dir, press, ratio)
     tokenizer = compressing.get_tokenizer()
     prompts, params = [], []

@@ -176,7 +176,7 @@ class CurDKVConnector(KVConnectorBase_V1):
             if tracked.evicted:
                 meta.evicted[req_id] = tracked.evicted
                 continue
-            window = self.press(tracked.spec).query_window
+            window = min(self.press(tracked.spec).query_window, tracked.context_tokens)
             part = window_slice(before, scheduled, tracked.context_tokens, window) if window else None
             if part is not None:
                 meta.windows[req_id] = part
