@@ -66,5 +66,12 @@ def scheduler_of(llm):
     return llm.llm_engine.engine_core.engine_core.scheduler
 
 
+def worker_connector(llm):
+    """The connector's worker side (the engine runs in this process)."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    return get_kv_transfer_group()
+
+
 def free_blocks(llm) -> int:
     return scheduler_of(llm).kv_cache_manager.block_pool.get_num_free_blocks()

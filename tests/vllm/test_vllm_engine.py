@@ -8,7 +8,7 @@ pytest.importorskip("vllm.config", reason="needs vLLM (make test-vllm)")
 
 import curdkv  # noqa: E402
 import curdkv.vllm  # noqa: E402
-from engine_setup import close, free_blocks, make_llm, model_dir, needle, scheduler_of  # noqa: E402,F401 (model_dir: a fixture)
+from engine_setup import close, free_blocks, make_llm, model_dir, needle, scheduler_of, worker_connector  # noqa: E402,F401 (model_dir: a fixture)
 
 pytestmark = pytest.mark.real_model
 BLOCK = 128
@@ -62,21 +62,30 @@ def test_ratio_zero_answers_as_the_engine_without_curdkv(plain_answers, compress
     assert not scheduler_of(compressing).connector._tracked
 
 
-@pytest.mark.parametrize("ratio", [0.5, 0.9])
-def test_answers_equal_curdkv_prefill_then_ask(compressing, model_dir, ratio):
-    """The context compressed alone, then the question prefilled over it: what CompressedContext.ask does."""
+def curdkv_answers(model_dir, press: str, ratio: float, needles=range(2)) -> list[str]:
+    """What curdkv's own path answers: the context compressed alone, then the question prefilled over it."""
     model, tokenizer = curdkv.load_model(model_dir, dtype="float32", device="cpu")
     expected = []
-    for i in range(2):
+    for i in needles:
         context, question, prefix, _ = needle(i)
-        prefilled = curdkv.prefill(model, tokenizer, context, curdkv.get_press("curdkv", ratio))
+        prefilled = curdkv.prefill(model, tokenizer, context, curdkv.get_press(press, ratio))
         expected.append(prefilled.ask(question, max_new_tokens=12, answer_prefix=prefix))
+    return expected
+
+
+@pytest.mark.parametrize("press,ratio", [("curdkv", 0.5), ("curdkv", 0.9), ("snapkv", 0.5), ("chunkkv", 0.5),
+                                         ("morphkv", 0.5), ("obcache", 0.5)])
+def test_answers_equal_curdkv_prefill_then_ask(compressing, model_dir, press, ratio):
+    """What CompressedContext.ask does; the window presses read the queries the worker captured."""
+    expected = curdkv_answers(model_dir, press, ratio)
+    tokenizer = compressing.get_tokenizer()
     prompts, params = [], []
     for i in range(2):
         prompt, context_tokens = needle_prompt(tokenizer, i)
         prompts.append(prompt)
-        params.append(greedy(12, compression_ratio=ratio, context_tokens=context_tokens))
+        params.append(greedy(12, press=press, compression_ratio=ratio, context_tokens=context_tokens))
     assert texts(compressing.generate(prompts, params, use_tqdm=False)) == expected
+    assert len(worker_connector(compressing)._queries) == 0
 
 
 def test_compression_gives_blocks_back_to_the_pool(compressing):
@@ -107,12 +116,14 @@ def test_many_requests_of_different_lengths_at_once(compressing):
         prompt, context_tokens = needle_prompt(tokenizer, i, 20 + 15 * i)
         prompts.append(prompt)
         ratio = (0.0, 0.3, 0.5, 0.9)[i % 4]
-        params.append(greedy(8, compression_ratio=ratio, context_tokens=context_tokens if i % 2 else None))
+        params.append(greedy(8, press="snapkv" if i % 3 == 2 else None, compression_ratio=ratio,
+                             context_tokens=context_tokens if i % 2 else None))
     outputs = compressing.generate(prompts, params, use_tqdm=False)
     assert all(o.finished and o.outputs[0].finish_reason in ("length", "stop") for o in outputs)
     assert sum(bool(o.outputs[0].text.strip()) for o in outputs) >= 10  # the rest ended at once (EOS)
     assert free_blocks(compressing) == start
     assert not scheduler_of(compressing).connector._tracked
+    assert len(worker_connector(compressing)._queries) == 0
 
 
 def test_bad_engine_configuration_stops_the_engine_at_start(model_dir):

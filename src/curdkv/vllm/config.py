@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..presses import PRESSES, Press, get_press
+from ..presses.base import ALL_QUERIES
 from ..runtime.layer import layer_scores
 
 # The keys of kv_connector_extra_config and of SamplingParams.extra_args["curdkv"].
@@ -80,11 +81,26 @@ class ModelRope:
     """
 
     config: object
+    # The attention's own scale (vLLM's ``Attention.impl.scale``), which window presses' logits use; the HF
+    # module's ``scaling`` is ``head_dim ** -0.5`` for the models served here.
+    attention_scale: float | None = None
 
     @property
     def head_dim(self) -> int:
         config = self.config
         return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    @property
+    def scaling(self) -> float:
+        return self.attention_scale if self.attention_scale is not None else self.head_dim ** -0.5
+
+    @property
+    def query_group(self) -> int:
+        """Query heads per KV head."""
+        config = self.config
+        heads = getattr(config, "num_attention_heads", None)
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return heads // kv_heads if heads and kv_heads else 1
 
 
 def plain_rope(head_dim: int = 16) -> ModelRope:
@@ -98,28 +114,34 @@ def plain_rope(head_dim: int = 16) -> ModelRope:
 def unsupported_reasons(press: Press, rope: ModelRope | None = None) -> list[str]:
     """Why the paged cache cannot serve ``press`` (empty: it can), on the model whose config ``rope`` holds
     (default: one with plain RoPE). It must keep the same count of tokens per head at every layer and score
-    from keys, values and the model's RoPE alone: vLLM keeps no queries or attention modules for it."""
+    from keys, values, the model's RoPE and at most a window of the last context queries (the worker
+    keeps those, :mod:`curdkv.vllm.queries`): vLLM keeps no attention modules for it."""
     reasons = []
     if press.head_adaptive:
         reasons.append("its heads keep different counts (head-adaptive)")
-    if press.query_window:
-        reasons.append(f"it reads the last {press.query_window} queries")
+    if press.query_window >= ALL_QUERIES:
+        reasons.append("it reads the queries of every context token (the worker keeps a window of them)")
     if press.needs_full_prefill or press.lookahead_tokens or press.reconstructs_context:
         reasons.append("it needs the whole prefill, lookahead decoding or reconstruction passes")
     if press.calibrates:
         reasons.append("it chooses its ratio from the context's likelihood")
-    if len({press.layer_keep(1000, i, 32) for i in range(32)}) > 1:
+    # At ratio 0 every layer keeps all, whatever the press does at the ratio a request brings later.
+    sized = press if press.compression_ratio else press.with_ratio(0.5)
+    if len({sized.layer_keep(1000, i, 32) for i in range(32)}) > 1:
         reasons.append("its layers keep different counts")
     if reasons:
         return reasons
     rope = rope or plain_rope()
     try:  # a press that reads more of the attention module than its RoPE (W_o, say) fails here, not mid-serving
         gen = torch.Generator().manual_seed(0)
-        keys, values = torch.randn(2, 1, 2, 64, rope.head_dim, generator=gen)
-        if not bool(torch.isfinite(layer_scores(press, keys, values, None, rope, 0)).all()):
+        window = press.query_window
+        length = 64 + 2 * window  # longer than the window, which window presses need
+        keys, values = torch.randn(2, 1, 2, length, rope.head_dim, generator=gen)
+        queries = torch.randn(1, 2 * rope.query_group, window, rope.head_dim, generator=gen) if window else None
+        if not bool(torch.isfinite(layer_scores(press, keys, values, queries, rope, 0)).all()):
             reasons.append("it returned non-finite scores on a test layer")
     except Exception as error:  # noqa: BLE001 - any failure means this press cannot run here
-        reasons.append(f"scoring from keys, values and the model's RoPE failed ({error})")
+        reasons.append(f"scoring from keys, values, window queries and the model's RoPE failed ({error})")
     return reasons
 
 

@@ -15,7 +15,10 @@ vLLM runs one connector object per role, and this one plays both:
   pass): it reads each layer's keys and values of the ordered requests from
   the paged cache, keeps what the press chooses, writes the kept tokens into
   the request's first slots (:mod:`curdkv.vllm.compaction`) and shortens the
-  model runner's block table to the kept blocks.
+  model runner's block table to the kept blocks. For presses that read the
+  observation window, a forward pre-hook on each ``Attention`` module keeps
+  the window's queries as the chunks that hold them are prefilled
+  (:mod:`curdkv.vllm.queries`).
 
 What the connector API cannot do is done by the patches of
 :mod:`curdkv.vllm.patches` (KV length apart from positions). Prefix caching
@@ -24,9 +27,10 @@ must be off: compressed blocks hold a different content than their hash says.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from vllm.logger import init_logger
@@ -48,6 +52,7 @@ from .config import (
 from .metadata import CompressOrder, CurDKVMetadata
 from .model_check import check_attention_layers, check_engine
 from .paged import RegionLayout
+from .queries import WindowQueries, layer_queries, window_slice
 
 # Under "vllm.": vLLM 0.32.0 configures handlers for its own logger tree only (vllm/logger.py), so a line
 # logged as "curdkv..." would not reach the engine's or the server's log.
@@ -76,6 +81,9 @@ class CurDKVConnector(KVConnectorBase_V1):
         self.num_layers = check_engine(vllm_config, kv_cache_config)
         self.block_size = vllm_config.cache_config.block_size
         self._presses: dict[CompressionSpec, Any] = {}
+        # Under torch.compile a hook's copies would be traced once and not run again.
+        self._eager = _runs_eagerly(vllm_config)
+        self.check_queries_capturable(self.press(self.spec), "kv_connector_extra_config")
         if role == KVConnectorRole.SCHEDULER:
             self._tracked: dict[str, _Tracked] = {}
             # The patched KVCacheManager.allocate_slots reads the evicted counts here.
@@ -83,6 +91,10 @@ class CurDKVConnector(KVConnectorBase_V1):
             patches.apply_scheduler_patches()
         else:
             self._layers: list[tuple[int, Any]] = []
+            self._layer_ropes: dict[int, ModelRope] = {}
+            self._heads: dict[int, int] = {}
+            self._queries = WindowQueries({})
+            self._planned_for = None
             self._layout: RegionLayout | None = None
             self._isa = ""
             self._runner = None
@@ -94,6 +106,12 @@ class CurDKVConnector(KVConnectorBase_V1):
         if spec not in self._presses:
             self._presses[spec] = spec.build()
         return self._presses[spec]
+
+    def check_queries_capturable(self, press, where: str) -> None:
+        if press.query_window and not self._eager:
+            raise ValueError(f"{where}['press']={press.name!r} reads the last {press.query_window} context "
+                             "queries, which curdkv captures only in eager mode: set enforce_eager=True "
+                             "(--enforce-eager)")
 
     # ------------------------------------------------------------------ scheduler side
 
@@ -131,6 +149,7 @@ class CurDKVConnector(KVConnectorBase_V1):
             context = context_tokens_from(options or {}, where, request.num_prompt_tokens)
             press = self.press(spec)
             press.check_context(context)
+            self.check_queries_capturable(press, where)
         except ValueError as error:
             logger.warning("curdkv: request %s keeps its whole context: %s", request.request_id, error)
             return
@@ -145,6 +164,8 @@ class CurDKVConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output) -> CurDKVMetadata:
         meta = CurDKVMetadata()
+        # Window queries of requests gone or sent back to waiting are of no use (a recompute captures them again).
+        meta.dropped = set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
         for req_id, scheduled in scheduler_output.num_scheduled_tokens.items():
             tracked = self._tracked.get(req_id)
             if tracked is None:
@@ -154,7 +175,12 @@ class CurDKVConnector(KVConnectorBase_V1):
                 self._forget_compression(tracked)  # preempted and recomputed from the start: compress again
             if tracked.evicted:
                 meta.evicted[req_id] = tracked.evicted
-            elif before < tracked.context_tokens <= before + scheduled:
+                continue
+            window = min(self.press(tracked.spec).query_window, tracked.context_tokens)
+            part = window_slice(before, scheduled, tracked.context_tokens, window) if window else None
+            if part is not None:
+                meta.windows[req_id] = part
+            if before < tracked.context_tokens <= before + scheduled:
                 meta.orders.append(self._compress(tracked, before + scheduled))
         return meta
 
@@ -199,9 +225,21 @@ class CurDKVConnector(KVConnectorBase_V1):
     # ------------------------------------------------------------------ worker side
 
     def register_kv_caches(self, kv_caches) -> None:
-        """Keep each attention layer's cache tensor by layer index and learn the kernel's cache layout."""
+        """Keep each attention layer's cache tensor by layer index, learn the kernel's cache layout and hook
+        each ``Attention`` module for the window queries."""
+        from vllm.config import get_layers_from_vllm_config
+        from vllm.model_executor.layers.attention import Attention
+
         isa = check_attention_layers(self._vllm_config, list(kv_caches))
         layers = sorted((_layer_index(name), tensor) for name, tensor in kv_caches.items())
+        self._queries = WindowQueries({idx: where for where, (idx, _) in enumerate(layers)})
+        for name, module in get_layers_from_vllm_config(self._vllm_config, Attention, list(kv_caches)).items():
+            idx = _layer_index(name)
+            self._layer_ropes[idx] = replace(self._rope, attention_scale=float(module.impl.scale))
+            self._heads[idx] = module.num_heads
+            if self._eager:
+                module.register_forward_pre_hook(functools.partial(self._capture_queries, idx, name),
+                                                 with_kwargs=True)
         tensor = layers[0][1]
         block_size, head_size = tensor.shape[2], tensor.shape[3] // 2
         if block_size != self.block_size:
@@ -210,6 +248,29 @@ class CurDKVConnector(KVConnectorBase_V1):
         self._layers, self._isa = layers, isa
         self._layout = RegionLayout.probe(tensor.dtype, block_size, head_size, isa)
 
+    def _capture_queries(self, layer_idx: int, layer_name: str, module, args, kwargs) -> None:
+        """Forward pre-hook of an ``Attention`` module: copy this step's window rows of its (post-RoPE) query."""
+        if not self.has_connector_metadata():
+            return  # a warm-up or profiling pass
+        meta = self._get_connector_metadata()
+        if meta is not self._planned_for:
+            self._planned_for = meta
+            self._queries.clear_plan()
+            if isinstance(meta, CurDKVMetadata) and meta.windows:
+                from vllm.forward_context import get_forward_context
+
+                attn_metadata = get_forward_context().attn_metadata
+                if isinstance(attn_metadata, dict):
+                    attn_metadata = attn_metadata[layer_name]
+                self._queries.plan(meta.windows, self._runner.input_batch.req_id_to_index,
+                                   attn_metadata.query_start_loc)
+        if self._queries.planned:
+            self._queries.capture(layer_idx, args[0] if args else kwargs["query"])
+
+    def handle_preemptions(self, kv_connector_metadata) -> None:
+        if isinstance(kv_connector_metadata, CurDKVMetadata):
+            self._queries.drop(kv_connector_metadata.dropped)
+
     def bind_model_runner(self, runner) -> None:
         """The runner whose block tables this worker shortens (bound by the patched ``_prepare_inputs``)."""
         self._runner = runner
@@ -217,12 +278,19 @@ class CurDKVConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         """After the forward pass: compress the requests ordered this step, then shorten their block tables."""
         meta = self._get_connector_metadata()
+        self._planned_for = None
+        self._queries.clear_plan()
         if not isinstance(meta, CurDKVMetadata) or not meta.orders:
             return
         for order in meta.orders:
             press = self.press(order.spec)
-            for layer_idx, kv_cache in self._layers:
-                compact_layer(kv_cache, self._layout, self._isa, layer_idx, press, order, self._rope)
+            window = self._queries.take(order.req_id)
+            if press.query_window and window is None:
+                raise RuntimeError(f"curdkv: no window queries were captured for request {order.req_id}")
+            for where, (layer_idx, kv_cache) in enumerate(self._layers):
+                queries = layer_queries(window, where, self._heads[layer_idx]) if press.query_window else None
+                compact_layer(kv_cache, self._layout, self._isa, layer_idx, press, order,
+                              self._layer_ropes.get(layer_idx, self._rope), queries)
             self._shorten_block_table(order)
 
     def _shorten_block_table(self, order: CompressOrder) -> None:
@@ -250,6 +318,12 @@ class CurDKVConnector(KVConnectorBase_V1):
 
     def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs) -> None:
         return None
+
+
+def _runs_eagerly(vllm_config) -> bool:
+    from vllm.config import CompilationMode
+
+    return vllm_config.compilation_config.mode == CompilationMode.NONE
 
 
 def _layer_index(name: str) -> int:

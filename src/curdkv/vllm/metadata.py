@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
 
 from .config import CompressionSpec
+from .queries import WindowSlice
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,12 @@ class CompressOrder:
         return -(-(self.kept + self.tail_tokens) // block_size)
 
 
-
 @dataclass
 class CurDKVMetadata(KVConnectorMetadata):
-    """One step's orders: the evicted count of every scheduled compressed request, and what to compress."""
+    """One step's orders: the evicted count of every scheduled compressed request, what to compress, which
+    window queries this step computes, and the requests whose window queries are no longer needed."""
 
     evicted: dict[str, int] = field(default_factory=dict)
     orders: list[CompressOrder] = field(default_factory=list)
+    windows: dict[str, WindowSlice] = field(default_factory=dict)
+    dropped: set[str] = field(default_factory=set)
