@@ -38,7 +38,12 @@ _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 GEMV_MODES = ("torch", "grouped", "all")
 # The products' route for steps built without ``gemv=`` (benchmarks switch it with :func:`using_gemv`).
-DEFAULT_GEMV = "grouped"
+# Measured on an H100 (benchmarks/gemv_micro.py, Llama-3.1-8B shapes, results/decode/gemv_micro-h100.json):
+# at one row the kernels beat cuBLAS on every product (q/k/v 19.3 against 30.4 us, o 13.9 against 16.4),
+# and the whole step at 32K-128K gets 6-10% faster with all four; at 2-8 rows cuBLAS is faster for
+# gate/up, o and down, so batched steps keep torch's products (KERNEL_ROWS).
+DEFAULT_GEMV = "all"
+KERNEL_ROWS = 1
 
 
 @contextmanager
@@ -109,7 +114,7 @@ class LeanStep:
         b = x.shape[0]
         index = self.cache.state.filled
         delta = None
-        grouped = self._gemv_weights and gemv_applies(x, ())
+        grouped = self._gemv_weights and b <= KERNEL_ROWS and gemv_applies(x, ())
         every = grouped and self.gemv == "all"
         for layer, store in zip(inner.layers, self.cache.layers):
             attn, mlp = layer.self_attn, layer.mlp
