@@ -7,20 +7,11 @@ import torch
 
 from conftest import INTERPRETED, KERNEL_DEVICE
 from curdkv.kernels import gemv
-from curdkv.kernels.common import interpreted_on_cpu
 from curdkv.kernels.decode_step import silu_mul_reference
+from test_decode_step_kernels import _kernel_routes  # noqa: F401 (an autouse fixture: kernels interpreted on CPU)
 
 DTYPES = [torch.float16] + ([] if INTERPRETED else [torch.bfloat16])
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # of the largest output: one rounding to the dtype, and then some
-
-
-@pytest.fixture(autouse=True)
-def _kernel_routes(request):
-    if KERNEL_DEVICE == "cpu" and request.node.get_closest_marker("kernel"):
-        with interpreted_on_cpu():
-            yield
-    else:
-        yield
 
 
 def randn(*shape, g, dtype):

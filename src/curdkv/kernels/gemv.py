@@ -54,18 +54,20 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _load_tiles(w_ptrs, x_ptrs, rk, k0, K, EVEN_K: tl.constexpr):
+        # The weight and row tiles at k0; masked only where K is not a multiple of the block.
+        if EVEN_K:
+            return tl.load(w_ptrs), tl.load(x_ptrs)
+        k_ok = (rk + k0 < K)[None, :]
+        return tl.load(w_ptrs, mask=k_ok, other=0.0), tl.load(x_ptrs, mask=k_ok, other=0.0)
+
+    @triton.jit
     def _dot_loop(w_ptrs, x_ptrs, rk, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   EVEN_K: tl.constexpr):
         # Rows padded to BLOCK_M >= 16 for the tensor cores (unmasked, so the row loads vectorise too).
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                w = tl.load(w_ptrs)
-                x = tl.load(x_ptrs)
-            else:
-                k_ok = (rk + k0 < K)[None, :]
-                w = tl.load(w_ptrs, mask=k_ok, other=0.0)
-                x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+            w, x = _load_tiles(w_ptrs, x_ptrs, rk, k0, K, EVEN_K)
             acc = tl.dot(x, tl.trans(w), acc)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
@@ -76,13 +78,7 @@ if triton is not None:
         # One row: broadcast over the weight tile, summed over K once after the loop (no per-step shuffles).
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                w = tl.load(w_ptrs)
-                x = tl.load(x_ptrs)
-            else:
-                k_ok = (rk + k0 < K)[None, :]
-                w = tl.load(w_ptrs, mask=k_ok, other=0.0)
-                x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+            w, x = _load_tiles(w_ptrs, x_ptrs, rk, k0, K, EVEN_K)
             acc += w.to(tl.float32) * x.to(tl.float32)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
