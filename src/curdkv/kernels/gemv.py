@@ -57,9 +57,13 @@ if triton is not None:
     def _load_tiles(w_ptrs, x_ptrs, rk, k0, K, EVEN_K: tl.constexpr):
         # The weight and row tiles at k0; masked only where K is not a multiple of the block.
         if EVEN_K:
-            return tl.load(w_ptrs), tl.load(x_ptrs)
-        k_ok = (rk + k0 < K)[None, :]
-        return tl.load(w_ptrs, mask=k_ok, other=0.0), tl.load(x_ptrs, mask=k_ok, other=0.0)
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs)
+        else:
+            k_ok = (rk + k0 < K)[None, :]
+            w = tl.load(w_ptrs, mask=k_ok, other=0.0)
+            x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+        return w, x
 
     @triton.jit
     def _dot_loop(w_ptrs, x_ptrs, rk, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
