@@ -384,10 +384,9 @@ class CurDKVPress(Press):
         if self.centre:
             keys = keys - keys.mean(dim=-2, keepdim=True)
             values = values - values.mean(dim=-2, keepdim=True)
-        # The half-precision kernels read the cache's own dtype; the states rounded back to it
-        # after centring in float32 carry the same precision as the cache the default scores.
-        dtype = view.keys.dtype if fast_path_available(view.keys) else torch.float32
-        return keys.to(dtype), values.to(dtype)
+        # Rounded back to the cache's own dtype, as the half-precision kernels read it: then the
+        # float64 route and the kernels score the same numbers and keep the same tokens.
+        return keys.to(view.keys.dtype), values.to(view.values.dtype)
 
     def pre_rope_keys(self, view: ScoringView) -> torch.Tensor:
         """The view's keys with RoPE undone (float32), or an error that says how to score the cached keys."""
