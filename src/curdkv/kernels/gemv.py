@@ -147,12 +147,21 @@ if triton is not None:
         tl.store(Y + rm[:, None] * N + rn[None, :], out, mask=(rm[:, None] < M) & (rn < N)[None, :])
 
 
+def weights_share_a_launch(weights) -> bool:
+    """Whether one launch can read ``weights``: contiguous 2-D half-precision tensors of one dtype, device
+    and input width."""
+    w0 = weights[0]
+    return all(w.dtype == w0.dtype and w.dtype in HALF_DTYPES and w.dim() == 2 and w.shape[1] == w0.shape[1]
+               and w.is_contiguous() and w.device == w0.device for w in weights)
+
+
 def gemv_applies(x: torch.Tensor, weights) -> bool:
     """Whether :func:`grouped_gemv` / :func:`gated_gemv` take ``x [M, K]`` times ``weights`` (else use torch)."""
+    weights = list(weights)
     return (triton is not None and on_kernel_device(x) and x.dim() == 2 and 1 <= x.shape[0] <= MAX_ROWS
             and x.dtype in HALF_DTYPES and x.stride(1) == 1
-            and all(w.dtype == x.dtype and w.dim() == 2 and w.shape[1] == x.shape[1] and w.is_contiguous()
-                    and w.device == x.device for w in weights))
+            and (not weights or (weights_share_a_launch(weights) and weights[0].dtype == x.dtype
+                                 and weights[0].shape[1] == x.shape[1] and weights[0].device == x.device)))
 
 
 def _launch_config(rows: int) -> dict:

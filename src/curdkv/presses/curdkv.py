@@ -379,6 +379,8 @@ class CurDKVPress(Press):
 
     def transformed_states(self, view: ScoringView) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (pre-RoPE if asked) and values, centred per head if asked, in the dtype the leverage route reads."""
+        if not self.transforms_states:
+            return view.keys, view.values
         keys = self.pre_rope_keys(view) if self.key_space == "pre_rope" else view.keys.float()
         values = view.values.float()
         if self.centre:
@@ -407,8 +409,7 @@ class CurDKVPress(Press):
             return (subspace_leverage(keys, self.ridge, rank, self.centre),
                     subspace_leverage(view.values, self.ridge, rank, self.centre))
         if self.estimator == "exact":
-            return exact_leverages(*self.transformed_states(view)) if self.transforms_states \
-                else exact_leverages(view.keys, view.values)
+            return exact_leverages(*self.transformed_states(view))
         return self.projected(view.keys, view.num_kv_heads), self.projected(view.values, view.num_kv_heads)
 
     def in_query_directions(self, keys: torch.Tensor, view: ScoringView) -> torch.Tensor:

@@ -8,11 +8,11 @@ microseconds, which at batch 1 adds up to a third of the step. This step
 runs the same arithmetic as the model's modules, in the same order and
 dtype, with the element-wise work fused (:mod:`curdkv.kernels.decode_step`):
 per layer, seven matrix products, two norm kernels, one RoPE-and-store
-kernel, one activation kernel and the ragged attention kernel. For a few
-rows in half precision on the kernels' device, the products go through
+kernel, one activation kernel and the ragged attention kernel. For one row
+in half precision on the kernels' device, the products go through
 :mod:`curdkv.kernels.gemv` (``gemv=``): q/k/v in one launch, gate/up with
-the activation in another (``"grouped"``, the default), and o and down by
-the same kernel too (``"all"``); ``"torch"`` keeps cuBLAS for all seven.
+the activation in another, and o and down by the same kernel too (``"all"``,
+the default); ``"grouped"`` keeps o and down on cuBLAS, ``"torch"`` all seven.
 
 It reads the weights in place (nothing is copied or converted) and uses the
 model's own rotary-embedding module for the cos/sin (so every RoPE scaling
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..cache.fixed import FixedCapacityCache
 from ..kernels.decode_step import add_rmsnorm, rope_store, silu_mul
-from ..kernels.gemv import gated_gemv, gemv_applies, grouped_gemv
+from ..kernels.gemv import gated_gemv, gemv_applies, grouped_gemv, weights_share_a_launch
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -141,12 +141,8 @@ class LeanStep:
 
 
 def _groupable(linears) -> bool:
-    """Whether one launch can take these ``nn.Linear``s: contiguous half-precision weights of one input width,
-    a bias on each or on none."""
-    w0 = linears[0].weight
-    return all(m.weight.dtype == w0.dtype and m.weight.dim() == 2 and m.weight.shape[1] == w0.shape[1]
-               and m.weight.is_contiguous() and m.weight.dtype in (torch.float16, torch.bfloat16)
-               for m in linears) and len({m.bias is None for m in linears}) == 1
+    """Whether one launch can take these ``nn.Linear``s: weights that share a launch, a bias on each or on none."""
+    return weights_share_a_launch([m.weight for m in linears]) and len({m.bias is None for m in linears}) == 1
 
 
 def _linears(h: torch.Tensor, linears, grouped: bool) -> list[torch.Tensor]:

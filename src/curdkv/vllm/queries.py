@@ -22,8 +22,8 @@ import torch
 class WindowSlice:
     """The part of a request's window computed in one step.
 
-    ``rows``: ``[start, stop)`` of the request's rows in this step; they fill
-    window places ``first ..``; ``window``: the window's length.
+    The request's rows ``[start, stop)`` of this step fill window places
+    ``first ..``; ``window`` is the window's length.
     """
 
     start: int
