@@ -80,17 +80,17 @@ def main() -> None:
 
     model, tokenizer = curdkv.load_model(args.model, dtype=getattr(torch, args.dtype))
     device = next(model.parameters()).device
+    configs = [("full", 0.0)] + [(spec, ratio) for spec in specs for ratio in ratios]
     records = []
     for sample in samples:
         start = time.perf_counter()
         context = encode_context(tokenizer, sample["context"], device)
         capture = curdkv.capture_prefill(model, context, tokenizer, query_window=ALL_QUERIES)
         question = encode_question(tokenizer, sample["question"], sample["answer_prefix"], device)
-        answer = tokenizer(" " + sample["answers"][0], add_special_tokens=False, return_tensors="pt").input_ids
-        configs = [("full", 0.0)] + [(spec, ratio) for spec in specs for ratio in ratios]
+        answer = tokenizer(" " + sample["answers"][0], add_special_tokens=False, return_tensors="pt").input_ids.to(device)
         for spec, ratio in configs:
             cache = capture.build_cache(None if spec == "full" else get_press(spec, ratio))
-            scores = answer_scores(model, cache, context.shape[1], question, answer.to(device))
+            scores = answer_scores(model, cache, context.shape[1], question, answer)
             records.append(dict(task=sample["task"], index=sample["index"], press=spec, ratio=ratio, **scores))
         print(f"{sample['task']} #{sample['index']}: {time.perf_counter() - start:.0f} s", flush=True)
 
