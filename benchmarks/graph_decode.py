@@ -51,7 +51,7 @@ from curdkv.presses import get_press
 from curdkv.report import environment
 from curdkv.runtime import graph_decode
 from curdkv.runtime.hooks import compress
-from curdkv.runtime.lean_step import GEMV_MODES, using_gemv
+from curdkv.runtime.lean_step import DEFAULT_GEMV, GEMV_MODES, using_gemv
 from curdkv.transformers_compat import forward_with_cache
 
 CONFIGS = [("full", 0.0), ("curdkv", 0.5), ("curdkv", 0.9), ("adacurdkv", 0.9)]
@@ -267,7 +267,7 @@ def main() -> None:
     parser.add_argument("--mixed-min", type=int, default=4096)
     parser.add_argument("--mixed-max", type=int, default=65536)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--gemv", default="grouped", help=f"batch1: the lean step's product routes to time, "
+    parser.add_argument("--gemv", default=DEFAULT_GEMV, help=f"batch1: the lean step's product routes to time, "
                         f"comma-separated, of {', '.join(GEMV_MODES)}")
     parser.add_argument("--gemv-config", help="a gemv_micro.py JSON: use its fastest block sizes")
     parser.add_argument("--graph-only", action="store_true",
