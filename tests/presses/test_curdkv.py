@@ -335,7 +335,8 @@ def test_key_leverage_in_the_window_queries_directions():
 
 
 @pytest.mark.parametrize("spec", ["curdkv:row_space=window_queries:rank=8:window=16",
-                                  "curdkv:key_space=pre_rope:centre=true", "curdkv:layer_budget=leverage_mass"])
+                                  "curdkv:key_space=pre_rope:centre=true", "curdkv:layer_budget=leverage_mass",
+                                  "curdkv:layer_budget=context_attention"])
 def test_study_variants_keep_the_same_tokens_in_both_paths(spec):
     import curdkv
     from conftest import random_ids, tiny_model
@@ -390,6 +391,57 @@ def test_leverage_mass_budgets_differ_by_layer_and_keep_the_ratio_on_average():
     assert sum(lengths) == 2 * uniform.layers[0].keys.shape[2] == 2 * 36
     with pytest.raises(ValueError, match="layer_budget must be one of"):
         curdkv.get_press("curdkv:layer_budget=global", 0.5)
+
+
+def ref_peak_context_attention(queries, keys, scaling):
+    """Every query against every key of its KV head, no mask, in float64; the largest probability per key."""
+    b_, h, n, _ = queries.shape
+    group = h // keys.shape[1]
+    out = torch.zeros(b_, keys.shape[1], n, dtype=torch.float64)
+    for b in range(b_):
+        for head in range(h):
+            probs = torch.softmax(queries[b, head].double() @ keys[b, head // group].double().T * scaling, dim=-1)
+            out[b, head // group] = torch.maximum(out[b, head // group], probs.max(dim=0).values)
+    return out.float()
+
+
+def test_peak_context_attention_is_the_largest_unmasked_probability_over_the_group():
+    from curdkv.presses.peak_attention import peak_context_attention
+
+    gen = torch.Generator().manual_seed(11)
+    queries, keys = torch.randn(2, 6, 37, 8, generator=gen), torch.randn(2, 3, 37, 8, generator=gen)
+    expected = ref_peak_context_attention(queries, keys, 0.4)
+    # Chunks of 5 queries: 37 is no multiple, so the last chunk is short.
+    close(peak_context_attention(queries, keys, 0.4, chunk_size=5), expected, rtol=1e-5, atol=1e-7)
+    # No causal mask: the last key is read by the first query as by the last.
+    assert (expected[..., -1] > 0).all()
+    with pytest.raises(ValueError, match="cannot share"):
+        peak_context_attention(queries[:, :5], keys, 0.4)
+
+
+def test_context_attention_budgets_are_one_threshold_over_layers_and_heads():
+    import curdkv
+    from conftest import random_ids, tiny_model
+    from curdkv.cache.ragged import RaggedLayer
+
+    model, ids = tiny_model("tiny-llama"), random_ids(100, seed=4)
+    press = curdkv.get_press("curdkv:layer_budget=context_attention", 0.7)
+    assert press.head_adaptive and press.needs_full_prefill and press.query_window >= 100
+    assert not curdkv.get_press("curdkv", 0.7).head_adaptive
+    capture = curdkv.capture_prefill(model, ids, query_window=press.query_window)
+    queries = capture.window_queries(press)
+    view = ScoringView(capture.keys[1], capture.values[1], queries[1], capture.modules[1], 1)
+    # The score: CurDKV's distribution times N times the peak attention each token receives.
+    leverage = CurDKVPress(0.7).score(view)
+    peak = ref_peak_context_attention(queries[1], capture.keys[1], view.scaling)
+    close(press.score(view), leverage * 100 * peak, rtol=1e-4, atol=1e-8)
+    cache = capture.build_cache(press)
+    assert all(isinstance(layer, RaggedLayer) for layer in cache.layers)
+    held = [layer.lengths.float().mean().item() for layer in cache.layers]
+    expected = press.layer_keeps(capture.scores(press, queries), 100)
+    assert [round(h) for h in held] == expected and sum(expected) == 2 * 30
+    with pytest.raises(ValueError, match="queries of all 100 context tokens"):
+        press.score(ScoringView(view.keys, view.values, queries[1][:, :, -10:], view.module, 1))
 
 
 @pytest.mark.parametrize("pooling", ["max", "avg"])

@@ -14,7 +14,8 @@ from ..kernels.leverage import (
     whitening,
 )
 from ..selection import check_budget, kept_count, shared_threshold_keeps
-from .base import Press, ScoringView, check_choice, check_float, check_int, check_odd_kernel, pool_scores
+from .base import ALL_QUERIES, Press, ScoringView, check_choice, check_float, check_int, check_odd_kernel, pool_scores
+from .peak_attention import peak_context_attention
 from .rope import unrotate
 
 LEVERAGES = ("kv_product", "key", "value", "kv_avg")
@@ -22,7 +23,7 @@ ESTIMATORS = ("projection", "exact")
 KEY_SPACES = ("post_rope", "pre_rope")
 ROW_SPACES = ("keys", "window_queries", "reconstruction_queries")
 QUERY_ROW_SPACES = ("window_queries", "reconstruction_queries")
-LAYER_BUDGETS = ("uniform", "leverage_mass")
+LAYER_BUDGETS = ("uniform", "leverage_mass", "context_attention")
 POOLINGS = ("max", "avg")
 DEFAULT_RIDGE = 1e-6
 
@@ -353,7 +354,15 @@ class CurDKVPress(Press):
 
     @property
     def query_window(self) -> int:
+        if self.layer_budget == "context_attention":
+            return ALL_QUERIES
         return self.window if self.row_space == "window_queries" else 0
+
+    @property
+    def head_adaptive(self) -> bool:
+        # Context attention puts every head's scores on one absolute scale: one threshold over the
+        # model decides each layer's and each head's share, as KVzip's selection does.
+        return self.layer_budget == "context_attention"
 
     @property
     def needs_full_prefill(self) -> bool:
@@ -443,10 +452,21 @@ class CurDKVPress(Press):
 
     def score(self, view: ScoringView) -> torch.Tensor:
         scores = self.combined(*self.leverages(view))
-        if self.pool_kernel == 1:
-            return scores
-        # Pooled scores are normalised again: AdaCurDKV compares them across heads as distributions.
-        return normalise(pool_scores(scores, self.pooling, self.pool_kernel), self.local_window)
+        if self.pool_kernel != 1:
+            # Pooled scores are normalised again: AdaCurDKV compares them across heads as distributions.
+            scores = normalise(pool_scores(scores, self.pooling, self.pool_kernel), self.local_window)
+        if self.layer_budget == "context_attention":
+            return scores * view.seq_len * self.context_attention(view)
+        return scores
+
+    @staticmethod
+    def context_attention(view: ScoringView) -> torch.Tensor:
+        """:func:`peak_context_attention` of the view's context queries, ``[B, H_kv, N]``."""
+        have = 0 if view.queries is None else view.queries.shape[2]
+        if have < view.seq_len:
+            raise ValueError(f"layer_budget='context_attention' reads the queries of all {view.seq_len} context "
+                             f"tokens; the runtime captured {have}")
+        return peak_context_attention(view.queries[:, :, have - view.seq_len :], view.keys, view.scaling)
 
     def combined(self, lk: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
         """Key and value leverage combined as ``leverage`` says, normalised."""
