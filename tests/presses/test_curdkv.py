@@ -431,10 +431,20 @@ def test_context_attention_budgets_are_one_threshold_over_layers_and_heads():
     capture = curdkv.capture_prefill(model, ids, query_window=press.query_window)
     queries = capture.window_queries(press)
     view = ScoringView(capture.keys[1], capture.values[1], queries[1], capture.modules[1], 1)
-    # The score: CurDKV's distribution times N times the peak attention each token receives.
+    # The score: CurDKV's distribution times N times the peak attention each token receives from the
+    # context's queries read back at positions N + 16 + i: undone at i and redone there by the model's own RoPE.
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
+
+    q = queries[1].double()
+    cos, sin = (t.double() for t in model.model.rotary_emb(q, torch.arange(100)[None]))
+    plain = q * cos - rotate_half(q) * sin
+    cos, sin = (t.double() for t in model.model.rotary_emb(q, torch.arange(116, 216)[None]))
+    read_back, _ = apply_rotary_pos_emb(plain, plain, cos, sin)
     leverage = CurDKVPress(0.7).score(view)
-    peak = ref_peak_context_attention(queries[1], capture.keys[1], view.scaling)
+    peak = ref_peak_context_attention(read_back, capture.keys[1], view.scaling)
     close(press.score(view), leverage * 100 * peak, rtol=1e-4, atol=1e-8)
+    # Where they were prefilled, later keys sit ahead of the queries: a different score.
+    assert not torch.allclose(peak, ref_peak_context_attention(queries[1], capture.keys[1], view.scaling), rtol=0.01)
     cache = capture.build_cache(press)
     assert all(isinstance(layer, RaggedLayer) for layer in cache.layers)
     held = [layer.lengths.float().mean().item() for layer in cache.layers]

@@ -16,7 +16,7 @@ from ..kernels.leverage import (
 from ..selection import check_budget, kept_count, shared_threshold_keeps
 from .base import ALL_QUERIES, Press, ScoringView, check_choice, check_float, check_int, check_odd_kernel, pool_scores
 from .peak_attention import peak_context_attention
-from .rope import unrotate
+from .rope import rotate_by, unrotate
 
 LEVERAGES = ("kv_product", "key", "value", "kv_avg")
 ESTIMATORS = ("projection", "exact")
@@ -26,6 +26,9 @@ QUERY_ROW_SPACES = ("window_queries", "reconstruction_queries")
 LAYER_BUDGETS = ("uniform", "leverage_mass", "context_attention")
 POOLINGS = ("max", "avg")
 DEFAULT_RIDGE = 1e-6
+# Where context attention places the context's queries: after the context and a prompt about as long as
+# KVzip's "repeat the context" prompt with its chat template, as if the model were reading the context back.
+READ_BACK_GAP = 16
 
 
 def projected_leverage(states: torch.Tensor, projection: torch.Tensor | None) -> torch.Tensor:
@@ -461,12 +464,28 @@ class CurDKVPress(Press):
 
     @staticmethod
     def context_attention(view: ScoringView) -> torch.Tensor:
-        """:func:`peak_context_attention` of the view's context queries, ``[B, H_kv, N]``."""
+        """:func:`peak_context_attention` of the view's context queries read back after the context, ``[B, H_kv, N]``.
+
+        Query ``i`` is moved from position ``i`` to ``N + READ_BACK_GAP + i``,
+        where KVzip's reconstruction pass asks for token ``i`` again: every
+        key is then behind every query, at the distances the model was
+        trained on, instead of ahead of the earlier queries at negative
+        distances it never saw. Measured on RULER 2K multikey needles
+        (Qwen2.5-Coder-0.5B, float32, 4 samples), the gold answer's NLL at
+        50% / 70% went from 0.42 / 1.04 with the queries where they are to
+        0.06 / 0.13, the full cache's 0.07 and KVzip's 0.06 / 0.11.
+        """
         have = 0 if view.queries is None else view.queries.shape[2]
         if have < view.seq_len:
             raise ValueError(f"layer_budget='context_attention' reads the queries of all {view.seq_len} context "
                              f"tokens; the runtime captured {have}")
-        return peak_context_attention(view.queries[:, :, have - view.seq_len :], view.keys, view.scaling)
+        queries = view.queries[:, :, have - view.seq_len :]
+        try:
+            read_back = rotate_by(queries, view.module, view.seq_len + READ_BACK_GAP)
+        except ValueError as error:
+            raise ValueError(f"{error}. layer_budget='context_attention' moves the context's queries after the "
+                             "context through the model's RoPE") from error
+        return peak_context_attention(read_back, view.keys, view.scaling)
 
     def combined(self, lk: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
         """Key and value leverage combined as ``leverage`` says, normalised."""

@@ -87,6 +87,25 @@ def unrotate(keys: torch.Tensor, module, start: int = 0, positions: torch.Tensor
     return (k * emb.cos() - rotate_half(k) * emb.sin()) / scaling
 
 
+def rotate_by(vectors: torch.Tensor, module, offset: int) -> torch.Tensor:
+    """Post-RoPE queries or keys ``[..., N, D]`` moved ``offset`` positions later, float32.
+
+    RoPE's angle is linear in the position, so a vector rotated for position
+    ``i`` and then by ``offset`` is the vector rotated for ``i + offset``
+    (the attention factor ``a`` is already in it and is not applied again).
+    """
+    d = vectors.shape[-1]
+    inv_freq, _ = rope_frequencies(module, vectors.shape[-2] + offset, vectors.device)
+    if 2 * inv_freq.numel() != d:
+        raise ValueError(
+            f"partial rotary embeddings are not supported: RoPE rotates {2 * inv_freq.numel()} of {d} head dims"
+        )
+    angles = inv_freq * float(offset)
+    emb = torch.cat((angles, angles))
+    x = vectors.float()
+    return x * emb.cos() + rotate_half(x) * emb.sin()
+
+
 def average_rotation(module, positions: torch.Tensor, dim: int) -> torch.Tensor:
     """The mean over ``positions`` of RoPE's linear map ``x -> a (x cos + rotate_half(x) sin)``: float32 ``[D, D]``.
 
