@@ -232,6 +232,17 @@ class CurDKVPress(Press):
       over many tokens gets more of the budget than one where a few tokens
       hold it. It needs every layer's scores first, so the layers are cut
       after the prefill (``needs_full_prefill``).
+    - ``layer_budget="context_attention"``: each token's score is its
+      leverage share times ``N`` times the largest attention it receives
+      from any of the context's own queries, read back after the context
+      (:meth:`context_attention`): the attention KVzip's reconstruction
+      queries would give it, from the prefill's queries instead of two more
+      passes. Attention probabilities share one absolute scale, so one
+      threshold over every layer and head sets each layer's and each head's
+      budget (head-adaptive, ragged cache), as in KVzip, whose lead on
+      RULER's multikey needles comes mostly from those budgets. It reads
+      every context query (``query_window``: all) and compresses when the
+      prefill ends; its extra cost is one ``QKᵀ`` per layer.
     - ``pool_kernel`` (odd, 1: none) and ``pooling`` (``"max"`` or
       ``"avg"``): the normalised scores pooled over that many neighbouring
       tokens and normalised again, as SnapKV pools its attention, so that a
