@@ -63,6 +63,16 @@ def rope_frequencies(module, seq_len: int, device=None) -> tuple[torch.Tensor, f
     return inv_freq.to(device=device, dtype=torch.float32), float(scaling)
 
 
+def full_rotary_frequencies(module, seq_len: int, dim: int, device=None) -> tuple[torch.Tensor, float]:
+    """:func:`rope_frequencies` for vectors of ``dim`` entries, all of which RoPE must rotate (else an error)."""
+    inv_freq, scaling = rope_frequencies(module, seq_len, device)
+    if 2 * inv_freq.numel() != dim:
+        raise ValueError(
+            f"partial rotary embeddings are not supported: RoPE rotates {2 * inv_freq.numel()} of {dim} head dims"
+        )
+    return inv_freq, scaling
+
+
 def unrotate(keys: torch.Tensor, module, start: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Pre-RoPE vectors, float32 ``[B, H, N, D]``, from post-RoPE keys (or queries) of the same shape.
 
@@ -73,11 +83,7 @@ def unrotate(keys: torch.Tensor, module, start: int = 0, positions: torch.Tensor
     ``k_norm`` (the query after ``q_norm``), the input of RoPE.
     """
     n, d = keys.shape[-2], keys.shape[-1]
-    inv_freq, scaling = rope_frequencies(module, start + n, keys.device)
-    if 2 * inv_freq.numel() != d:
-        raise ValueError(
-            f"partial rotary embeddings are not supported: RoPE rotates {2 * inv_freq.numel()} of {d} head dims"
-        )
+    inv_freq, scaling = full_rotary_frequencies(module, start + n, d, keys.device)
     if positions is None:
         positions = torch.arange(start, start + n, device=keys.device)
     # Angles in float32 as the model computes them, so large positions round the same way.
@@ -95,11 +101,7 @@ def rotate_by(vectors: torch.Tensor, module, offset: int) -> torch.Tensor:
     (the attention factor ``a`` is already in it and is not applied again).
     """
     d = vectors.shape[-1]
-    inv_freq, _ = rope_frequencies(module, vectors.shape[-2] + offset, vectors.device)
-    if 2 * inv_freq.numel() != d:
-        raise ValueError(
-            f"partial rotary embeddings are not supported: RoPE rotates {2 * inv_freq.numel()} of {d} head dims"
-        )
+    inv_freq, _ = full_rotary_frequencies(module, vectors.shape[-2] + offset, d, vectors.device)
     angles = inv_freq * float(offset)
     emb = torch.cat((angles, angles))
     x = vectors.float()
@@ -113,11 +115,7 @@ def average_rotation(module, positions: torch.Tensor, dim: int) -> torch.Tensor:
     with the mean cos and sin: ``a (diag(cos_bar) + diag(sin_bar) P)`` with
     ``P x = rotate_half(x)``.
     """
-    inv_freq, scaling = rope_frequencies(module, int(positions.max()) + 1, positions.device)
-    if 2 * inv_freq.numel() != dim:
-        raise ValueError(
-            f"partial rotary embeddings are not supported: RoPE rotates {2 * inv_freq.numel()} of {dim} head dims"
-        )
+    inv_freq, scaling = full_rotary_frequencies(module, int(positions.max()) + 1, dim, positions.device)
     freqs = positions.float()[:, None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos().mean(0), emb.sin().mean(0)
