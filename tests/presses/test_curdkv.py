@@ -419,6 +419,18 @@ def test_peak_context_attention_is_the_largest_unmasked_probability_over_the_gro
         peak_context_attention(queries[:, :5], keys, 0.4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the half-precision logits run on CUDA; run on the GPU machine")
+def test_peak_context_attention_in_bf16_on_cuda_is_close_to_float64():
+    from curdkv.presses.peak_attention import peak_context_attention
+
+    gen = torch.Generator().manual_seed(12)
+    queries, keys = torch.randn(1, 8, 300, 64, generator=gen), torch.randn(1, 2, 300, 64, generator=gen)
+    expected = ref_peak_context_attention(queries, keys, 0.125)
+    got = peak_context_attention(queries.cuda().bfloat16(), keys.cuda().bfloat16(), 0.125, chunk_size=64).cpu()
+    assert got.dtype == torch.float32
+    assert (got.double() - expected).norm() / expected.norm() < 2e-2
+
+
 def test_context_attention_budgets_are_one_threshold_over_layers_and_heads():
     import curdkv
     from conftest import random_ids, tiny_model

@@ -4,34 +4,41 @@ from __future__ import annotations
 
 import torch
 
+# Logits held at once per chunk of queries (float32 entries): 512 MiB, whatever the context's length.
+CHUNK_ENTRIES = 1 << 27
+
 
 def peak_context_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float,
-                           chunk_size: int = 256) -> torch.Tensor:
-    """For each key, its largest softmax probability over the context's queries, float32 ``[B, H_kv, N]``.
+                           chunk_size: int | None = None) -> torch.Tensor:
+    """For each key, its largest softmax probability over the given queries, float32 ``[B, H_kv, N]``.
 
-    ``queries`` ``[B, H, N, D]`` are the context tokens' own (post-RoPE)
-    queries, ``keys`` ``[B, H_kv, N, D]``; query head h reads KV head
-    ``h // (H / H_kv)`` and a KV head's score is the largest over its group.
-    Unlike the prefill's attention there is no causal mask: every query's
-    softmax runs over the whole context, as the queries of KVzip's
-    reconstruction passes see it (arXiv 2505.23416), so an early token is
-    scored by the later tokens that need it. Probabilities share one scale
-    across heads and layers (each row sums to 1), which is what lets one
-    threshold spread a budget over them.
+    ``queries`` ``[B, H, M, D]`` (post-RoPE, at whatever positions the
+    caller placed them), ``keys`` ``[B, H_kv, N, D]``; query head h reads KV
+    head ``h // (H / H_kv)`` and a KV head's score is the largest over its
+    group. There is no mask: every query's softmax runs over every key.
+    Probabilities share one scale across heads and layers (each row sums to
+    1), which is what lets one threshold spread a budget over them.
 
-    Queries go through ``chunk_size`` at a time: memory is
-    ``O(B · H · chunk_size · N)`` floats, and the cost one QKᵀ of the
-    prefill's attention.
+    Queries go through ``chunk_size`` at a time (by default as many as keep
+    :data:`CHUNK_ENTRIES` logits), so memory does not grow with ``M · N``.
+    On CUDA the logits are computed in the keys' dtype, as the model's own
+    attention computes them (a float32 product of an 8B model's 128K-token
+    context would cost several prefills); elsewhere in float32. The softmax
+    is float32 everywhere.
     """
-    b, h, n, d = queries.shape
-    h_kv = keys.shape[1]
+    b, h, m, d = queries.shape
+    h_kv, n = keys.shape[1], keys.shape[2]
     if h % h_kv:
         raise ValueError(f"{h} query heads cannot share {h_kv} KV heads evenly")
     group = h // h_kv
-    k_t = keys.float().transpose(-1, -2)  # [B, H_kv, D, N]
-    peak = torch.zeros(b, h_kv, keys.shape[2], dtype=torch.float32, device=keys.device)
-    for start in range(0, n, chunk_size):
-        q = queries[:, :, start : start + chunk_size].float() * scaling
+    if chunk_size is None:
+        chunk_size = max(1, CHUNK_ENTRIES // (b * h * n))
+    dtype = keys.dtype if keys.is_cuda else torch.float32
+    k_t = keys.to(dtype).transpose(-1, -2)  # [B, H_kv, D, N]
+    peak = torch.zeros(b, h_kv, n, dtype=torch.float32, device=keys.device)
+    for start in range(0, m, chunk_size):
+        q = (queries[:, :, start : start + chunk_size].float() * scaling).to(dtype)
         rows = q.reshape(b, h_kv, group * q.shape[2], d)
-        torch.maximum(peak, torch.matmul(rows, k_t).softmax(dim=-1).amax(dim=2), out=peak)
+        probs = torch.matmul(rows, k_t).float().softmax(dim=-1)
+        torch.maximum(peak, probs.amax(dim=2), out=peak)
     return peak
