@@ -22,9 +22,10 @@ def peak_context_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: f
     Queries go through ``chunk_size`` at a time (by default as many as keep
     :data:`CHUNK_ENTRIES` logits), so memory does not grow with ``M · N``.
     On CUDA the logits are computed in the keys' dtype, as the model's own
-    attention computes them (a float32 product of an 8B model's 128K-token
-    context would cost several prefills); elsewhere in float32. The softmax
-    is float32 everywhere.
+    attention computes them: for an 8B model at 128K tokens they are about
+    4.5 PFLOP, over a minute at an H100's float32 rate and seconds on its
+    bf16 tensor cores; elsewhere in float32. The softmax is float32
+    everywhere.
     """
     b, h, m, d = queries.shape
     h_kv, n = keys.shape[1], keys.shape[2]
