@@ -55,6 +55,17 @@ class ScoringView:
     def num_kv_heads(self) -> int:
         return self.keys.shape[1]
 
+    def context_queries(self, reader: str) -> torch.Tensor:
+        """The queries of the N context tokens ``[B, H, N, D]`` (the last N recorded), for presses that read them all.
+
+        ``reader`` names the press or option in the error raised when fewer were recorded.
+        """
+        n = self.seq_len
+        have = 0 if self.queries is None else self.queries.shape[2]
+        if have < n:
+            raise ValueError(f"{reader} needs the queries of all {n} context tokens, the runtime captured {have}")
+        return self.queries[:, :, have - n :]
+
     @property
     def scaling(self) -> float:
         if self.module is not None and hasattr(self.module, "scaling"):

@@ -280,16 +280,6 @@ class CompactorPress(Press):
         start = min(self.num_sinks, n)
         return start, max(start, n - self.num_recent)
 
-    def _context_queries(self, view: ScoringView) -> torch.Tensor:
-        n = view.seq_len
-        have = 0 if view.queries is None else view.queries.shape[2]
-        if have < n:
-            raise ValueError(
-                f"CompactorPress needs the queries of all {n} context tokens (query_window=ALL_QUERIES), "
-                f"the runtime captured {have}"
-            )
-        return view.queries[:, :, have - n :]
-
     def leverage(self, view: ScoringView, start: int, stop: int) -> torch.Tensor:
         """Approximate leverage of the pre-RoPE keys of tokens ``start .. stop - 1``, ``[B, H_kv, stop - start]``."""
         keys = unrotate(view.keys[:, :, start:stop], view.module, start=start)
@@ -297,7 +287,7 @@ class CompactorPress(Press):
 
     def attention(self, view: ScoringView, start: int, stop: int) -> torch.Tensor:
         """Pooled (value-weighted) non-causal chunked attention of tokens ``start .. stop - 1``."""
-        queries = self._context_queries(view)[:, :, start:stop]
+        queries = view.context_queries("CompactorPress (query_window=ALL_QUERIES)")[:, :, start:stop]
         scaling = 1.0 if self.logit_scale == "unscaled" else view.scaling
         scores = non_causal_chunked_attention(queries, view.keys[:, :, start:stop], self.chunk_size, scaling)
         if self.value_weighting:

@@ -491,11 +491,7 @@ class CurDKVPress(Press):
         50% / 70% went from 0.42 / 1.04 with the queries where they are to
         0.06 / 0.13, the full cache's 0.07 and KVzip's 0.06 / 0.11.
         """
-        have = 0 if view.queries is None else view.queries.shape[2]
-        if have < view.seq_len:
-            raise ValueError(f"layer_budget='context_attention' reads the queries of all {view.seq_len} context "
-                             f"tokens; the runtime captured {have}")
-        queries = view.queries[:, :, have - view.seq_len :]
+        queries = view.context_queries("layer_budget='context_attention'")
         try:
             read_back = rotate_by(queries, view.module, view.seq_len + READ_BACK_GAP)
         except ValueError as error:

@@ -110,9 +110,4 @@ class H2OPress(Press):
         return ALL_QUERIES
 
     def score(self, view: ScoringView) -> torch.Tensor:
-        n = view.seq_len
-        have = 0 if view.queries is None else view.queries.shape[2]
-        if have < n:
-            raise ValueError(f"H2O needs the queries of all {n} context tokens, the runtime captured {have}")
-        # With more queries than cached tokens, the last N are taken as the cached tokens' own.
-        return accumulated_attention(view.queries[:, :, have - n :], view.keys, view.scaling, self.chunk_size)
+        return accumulated_attention(view.context_queries("H2O"), view.keys, view.scaling, self.chunk_size)
