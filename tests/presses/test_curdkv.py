@@ -336,7 +336,8 @@ def test_key_leverage_in_the_window_queries_directions():
 
 @pytest.mark.parametrize("spec", ["curdkv:row_space=window_queries:rank=8:window=16",
                                   "curdkv:key_space=pre_rope:centre=true", "curdkv:layer_budget=leverage_mass",
-                                  "curdkv:layer_budget=context_attention"])
+                                  "curdkv:layer_budget=context_attention",
+                                  "curdkv:layer_budget=context_attention:leverage_floor=0.25"])
 def test_study_variants_keep_the_same_tokens_in_both_paths(spec):
     import curdkv
     from conftest import random_ids, tiny_model
@@ -464,6 +465,35 @@ def test_context_attention_budgets_are_one_threshold_over_layers_and_heads():
     assert [round(h) for h in held] == expected and sum(expected) == 2 * 30
     with pytest.raises(ValueError, match="queries of all 100 context tokens"):
         press.score(ScoringView(view.keys, view.values, queries[1][:, :, -10:], view.module, 1))
+
+
+def test_leverage_floor_keeps_each_heads_top_leverage_before_the_shared_threshold():
+    import curdkv
+    from conftest import random_ids, tiny_model
+
+    model, ids = tiny_model("tiny-llama"), random_ids(100, seed=4)
+    press = curdkv.get_press("curdkv:layer_budget=context_attention:leverage_floor=0.5", 0.8)
+    plain = curdkv.get_press("curdkv:layer_budget=context_attention", 0.8)
+    capture = curdkv.capture_prefill(model, ids, query_window=press.query_window)
+    queries = capture.window_queries(press)
+    cache = capture.build_cache(press)
+    for i, layer in enumerate(cache.layers):
+        view = ScoringView(capture.keys[i], capture.values[i], queries[i], capture.modules[i], i)
+        leverage, shared = CurDKVPress(0.8).score(view), plain.score(view)
+        # The floor: half of the uniform 20 tokens per head, the top 10 by leverage, lifted by N above the rest.
+        floor = torch.zeros_like(shared).scatter_(-1, leverage.topk(10, dim=-1).indices, 100.0)
+        close(press.score(view), shared + floor, rtol=1e-5, atol=1e-7)
+        assert float(shared.max()) <= 100.0
+        # Every head of every layer holds its floor's keys, whatever the threshold gave its layer.
+        for h in range(view.num_kv_heads):
+            held = layer.context_keys[int(layer.offsets[h]) : int(layer.offsets[h + 1])]
+            for t in leverage[0, h].topk(10).indices.tolist():
+                assert (held == capture.keys[i][0, h, t]).all(-1).any(), (i, h, t)
+    assert sum(press.layer_keeps(capture.scores(press, queries), 100)) == 2 * 20
+    with pytest.raises(ValueError, match="needs layer_budget='context_attention'"):
+        CurDKVPress(0.5, leverage_floor=0.5)
+    with pytest.raises(ValueError, match=r"leverage_floor must be in \[0, 1\]"):
+        CurDKVPress(0.5, layer_budget="context_attention", leverage_floor=1.5)
 
 
 @pytest.mark.parametrize("pooling", ["max", "avg"])

@@ -248,6 +248,12 @@ class CurDKVPress(Press):
       niah_multikey_2 rises from 67 / 0 to 100 / 100 at 50 / 70%, but the
       13-task average moves -0.6 / +0.7 / -4.5 at 50 / 70 / 90% (tasks with
       several needles lose), so it is not the default.
+    - ``leverage_floor`` (with ``layer_budget="context_attention"``; 0, none,
+      by default): each head first keeps its top ``leverage_floor`` share of
+      the uniform per-head budget by leverage alone, and one threshold
+      shares out the rest (:meth:`with_leverage_floor`). One threshold can
+      leave a head with too few tokens for a needle that only it reads; the
+      floor keeps every head's rarest states whatever attention they get.
     - ``pool_kernel`` (odd, 1: none) and ``pooling`` (``"max"`` or
       ``"avg"``): the normalised scores pooled over that many neighbouring
       tokens and normalised again, as SnapKV pools its attention, so that a
@@ -291,6 +297,7 @@ class CurDKVPress(Press):
     row_space: str = "keys"
     window: int = 64
     layer_budget: str = "uniform"
+    leverage_floor: float = 0.0
     pool_kernel: int = 1
     pooling: str = "max"
 
@@ -319,6 +326,12 @@ class CurDKVPress(Press):
             raise ValueError(f"centre must be True or False, got {self.centre!r}")
         check_int("window", self.window, 1)
         check_choice("layer_budget", self.layer_budget, LAYER_BUDGETS)
+        check_float("leverage_floor", self.leverage_floor, 0.0)
+        if self.leverage_floor > 1.0:
+            raise ValueError(f"leverage_floor must be in [0, 1] (a share of each head's budget), got {self.leverage_floor!r}")
+        if self.leverage_floor and self.layer_budget != "context_attention":
+            raise ValueError(f"leverage_floor={self.leverage_floor!r} reserves part of each head's budget before one "
+                             "threshold shares out the rest: it needs layer_budget='context_attention'")
         check_odd_kernel("pool_kernel", self.pool_kernel)
         check_choice("pooling", self.pooling, POOLINGS)
         if self.row_space in QUERY_ROW_SPACES and self.rank is None:
@@ -475,8 +488,25 @@ class CurDKVPress(Press):
             # Pooled scores are normalised again: AdaCurDKV compares them across heads as distributions.
             scores = normalise(pool_scores(scores, self.pooling, self.pool_kernel), self.local_window)
         if self.layer_budget == "context_attention":
-            return scores * view.seq_len * self.context_attention(view)
+            shared = scores * view.seq_len * self.context_attention(view)
+            return self.with_leverage_floor(shared, scores) if self.leverage_floor else shared
         return scores
+
+    def with_leverage_floor(self, shared: torch.Tensor, leverage: torch.Tensor) -> torch.Tensor:
+        """``shared`` scores with each head's top ``leverage_floor`` share of its uniform budget, by leverage, first.
+
+        A shared score is a leverage share (at most 1) times ``N`` times an
+        attention probability (at most 1), so it never exceeds ``N``: adding
+        ``N`` lifts the floor's tokens above every other token of every layer
+        and head, and one threshold then keeps them before it shares out the
+        rest of the budget.
+        """
+        seq_len = shared.shape[-1]
+        floor = int(self.leverage_floor * kept_count(seq_len, self.compression_ratio))
+        if floor == 0:
+            return shared
+        lifted = torch.zeros_like(shared).scatter_(-1, leverage.topk(floor, dim=-1).indices, float(seq_len))
+        return shared + lifted
 
     @staticmethod
     def context_attention(view: ScoringView) -> torch.Tensor:
