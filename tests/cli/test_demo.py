@@ -45,6 +45,21 @@ def test_demo_answers_each_configuration_as_it_would_be_answered_alone(smollm2_f
     assert "| full" in table and "float32" in table  # the fixture's dtype, named under the table
 
 
+def test_demo_keeps_every_context_query_for_a_press_that_reads_them(smollm2_float32, monkeypatch):
+    model, tokenizer = smollm2_float32
+    monkeypatch.setattr("curdkv.cli.demo.load_model", lambda *args, **kwargs: (model, tokenizer))
+    spec = "curdkv:layer_budget=context_attention:leverage_floor=0.25"
+    settings = DemoSettings(presses=("full", spec), ratios=(0.7,), samples=1, context_tokens=512, seed=4)
+    record = run_demo(settings, progress=False)[1]
+    sample = needle_samples(tokenizer, 1, settings.context_tokens, seed=settings.seed)[0]
+    press = curdkv.get_press(spec, 0.7)
+    capture = curdkv.capture_prefill(model, sample.context, tokenizer, query_window=press.query_window)
+    alone = curdkv.CompressedContext.from_capture(model, tokenizer, capture, press)
+    assert record["method"] == spec
+    assert record["answers"] == [alone.ask(sample.question, settings.max_new_tokens, sample.answer_prefix)]
+    assert record["kv_bytes"] == alone.nbytes()
+
+
 def test_ratio_groups_keep_the_order_of_configurations():
     configs = [("full", 0.0, None), ("a", 0.5, 1), ("a", 0.9, 2), ("b", 0.5, 3), ("b", 0.9, 4)]
     assert ratio_groups(configs) == [[configs[0]], [configs[1], configs[3]], [configs[2], configs[4]]]

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..cache.stack import stack_caches
 from ..context import answer_greedily, capture_prefill
 from ..eval.needle import answered, needle_samples
-from ..eval.sweep import sweep_configs
+from ..eval.sweep import shared_query_window, sweep_configs
 from ..models import DEFAULT_MODEL, dtype_name, load_model, model_names
 from ..report import markdown_table
 from .args import DEMO_PRESSES, positive, presses, ratios
@@ -66,10 +66,11 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> list[dict]:
     stats = {(m, r): {"correct": 0, "seconds": 0.0, "kv_bytes": 0, "answers": []} for m, r, _ in configs}
     prefill_seconds = 0.0
     groups = ratio_groups(configs)
+    query_window = shared_query_window(press for _, _, press in configs)
     bar = tqdm(total=len(samples) * len(configs), desc="demo", unit="answer", disable=not progress)
     for sample in samples:
         start = time.perf_counter()
-        capture = capture_prefill(model, sample.context, tokenizer)
+        capture = capture_prefill(model, sample.context, tokenizer, query_window=query_window)
         prefill_seconds += time.perf_counter() - start
         for group in groups:
             start = time.perf_counter()

@@ -150,6 +150,11 @@ def distributed_rank() -> tuple[int, int]:
     return 0, 1
 
 
+def shared_query_window(presses: Iterable) -> int:
+    """The context queries one shared prefill must keep for ``presses`` (``None``: the full cache): the most any reads."""
+    return max([p.query_window for p in presses if p is not None] + [0])
+
+
 class Sweep:
     """Answer samples under many configurations and append the predictions to ``out_dir``.
 
@@ -171,7 +176,7 @@ class Sweep:
         device = next(model.parameters()).device
         self.batch_size = batch_size or (len(self.configs) if device.type == "cuda" else 1)
         self.presses = {c: c.build() for c in self.configs}
-        self.query_window = max([p.query_window for p in self.presses.values() if p is not None] + [0])
+        self.query_window = shared_query_window(self.presses.values())
 
     def pending(self, samples: list[EvalSample]) -> list[tuple[EvalSample, list[Config]]]:
         """The samples of this rank with the configurations not yet written for them, tasks interleaved."""
