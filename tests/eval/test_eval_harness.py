@@ -276,6 +276,15 @@ def test_outputs_summary_table_plot_and_fidelity(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_the_plot_shows_the_average_over_the_most_tasks():
+    from curdkv.eval.results import widest_average
+
+    ruler = {"niah": ["a", "b"], "ruler": ["a", "b", "c"]}
+    assert widest_average(ruler) == ("ruler", ["a", "b", "c"])
+    assert widest_average({"average": ["a", "b", "c"], "single-doc": ["a"]}) == ("average", ["a", "b", "c"])
+    assert widest_average(None) == ("average", None)
+
+
 def test_report_renders_a_subset(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
