@@ -337,7 +337,8 @@ def test_key_leverage_in_the_window_queries_directions():
 @pytest.mark.parametrize("spec", ["curdkv:row_space=window_queries:rank=8:window=16",
                                   "curdkv:key_space=pre_rope:centre=true", "curdkv:layer_budget=leverage_mass",
                                   "curdkv:layer_budget=context_attention",
-                                  "curdkv:layer_budget=context_attention:leverage_floor=0.25"])
+                                  "curdkv:layer_budget=context_attention:leverage_floor=0.25",
+                                  "curdkv:layer_budget=context_attention:leverage_floor=0.25:attention_queries=16"])
 def test_study_variants_keep_the_same_tokens_in_both_paths(spec):
     import curdkv
     from conftest import random_ids, tiny_model
@@ -396,9 +397,9 @@ def test_leverage_mass_budgets_differ_by_layer_and_keep_the_ratio_on_average():
 
 def ref_peak_context_attention(queries, keys, scaling):
     """Every query against every key of its KV head, no mask, in float64; the largest probability per key."""
-    b_, h, n, _ = queries.shape
+    b_, h = queries.shape[:2]
     group = h // keys.shape[1]
-    out = torch.zeros(b_, keys.shape[1], n, dtype=torch.float64)
+    out = torch.zeros(b_, keys.shape[1], keys.shape[2], dtype=torch.float64)
     for b in range(b_):
         for head in range(h):
             probs = torch.softmax(queries[b, head].double() @ keys[b, head // group].double().T * scaling, dim=-1)
@@ -458,6 +459,11 @@ def test_context_attention_budgets_are_one_threshold_over_layers_and_heads():
     close(press.score(view), leverage * 100 * peak, rtol=1e-4, atol=1e-8)
     # Where they were prefilled, later keys sit ahead of the queries: a different score.
     assert not torch.allclose(peak, ref_peak_context_attention(queries[1], capture.keys[1], view.scaling), rtol=0.01)
+    # attention_queries=10: the peak over queries 0, 11, ..., 99 alone, read back as before.
+    sparse = curdkv.get_press("curdkv:layer_budget=context_attention:attention_queries=10", 0.7)
+    every_eleventh = ref_peak_context_attention(read_back[:, :, ::11], capture.keys[1], view.scaling)
+    close(sparse.score(view), leverage * 100 * every_eleventh, rtol=1e-4, atol=1e-8)
+    assert not torch.allclose(every_eleventh, peak, rtol=0.01)
     cache = capture.build_cache(press)
     assert all(isinstance(layer, RaggedLayer) for layer in cache.layers)
     held = [layer.lengths.float().mean().item() for layer in cache.layers]
@@ -494,6 +500,10 @@ def test_leverage_floor_keeps_each_heads_top_leverage_before_the_shared_threshol
         CurDKVPress(0.5, leverage_floor=0.5)
     with pytest.raises(ValueError, match=r"leverage_floor must be in \[0, 1\]"):
         CurDKVPress(0.5, layer_budget="context_attention", leverage_floor=1.5)
+    with pytest.raises(ValueError, match="attention_queries.*needs layer_budget='context_attention'"):
+        CurDKVPress(0.5, attention_queries=64)
+    with pytest.raises(ValueError, match="attention_queries"):
+        CurDKVPress(0.5, layer_budget="context_attention", attention_queries=1)
 
 
 @pytest.mark.parametrize("pooling", ["max", "avg"])

@@ -15,7 +15,7 @@ from ..kernels.leverage import (
 )
 from ..selection import check_budget, kept_count, shared_threshold_keeps
 from .base import ALL_QUERIES, Press, ScoringView, check_choice, check_float, check_int, check_odd_kernel, pool_scores
-from .peak_attention import peak_context_attention
+from .peak_attention import evenly_spaced, peak_context_attention
 from .rope import rotate_by, unrotate
 
 LEVERAGES = ("kv_product", "key", "value", "kv_avg")
@@ -254,14 +254,26 @@ class CurDKVPress(Press):
       shares out the rest (:meth:`with_leverage_floor`). One threshold can
       leave a head with too few tokens for a needle that only it reads; the
       floor keeps every head's rarest states whatever attention they get.
-      Measured with ``leverage_floor=0.25`` on RULER 4K with the 0.5B model
-      (63 samples, float32;
-      ``results/ruler-qwen2.5-coder-0.5b-4k/leverage-floor/study.md``): 64.8
-      / 62.2 / 55.9 at 50 / 70 / 90%, against 62.5 / 59.8 / 51.1 for
-      uniform CurDKV and 69.4 / 65.8 / 37.1 for KVzip (full cache 68.1).
-      Not the default: it is unmeasured on the 1.5B model, and its peak
-      attention costs about as much as the prefill's own attention (1.97×
-      the prefill on CPU at 4K, against 1.01× for uniform CurDKV).
+      Measured with ``leverage_floor=0.25`` on RULER with the 0.5B model
+      (H100, bf16, 25 samples per task, beside the other presses on the
+      same samples: ``results/ruler-qwen2.5-coder-0.5b-4k/wide/`` and
+      ``-8k/wide/``): 70.9 / 69.0 / 64.6 / 53.8 at 30 / 50 / 70 / 90% at
+      4K, against 65.4 / 64.1 / 57.1 / 51.4 for uniform CurDKV and 71.7 /
+      72.1 / 66.6 / 39.4 for KVzip (full cache 70.7); at 8K 64.2 / 62.7 /
+      57.7 / 51.4 against 63.0 / 60.8 / 54.3 / 50.5 and 65.8 / 66.6 / 59.9
+      / 34.7 (full 65.7). Not the default: it is unmeasured on the 1.5B
+      model, and its peak attention reads every query against every key in
+      float32: 3.9× the prefill at 4K in that run (uniform CurDKV 1.9×,
+      KVzip 5.0×), and +836% on a prefill of Llama-3.1-8B's shape at 32K
+      tokens (uniform CurDKV +6.5%; ``results/prefill_overhead-32k.json``).
+    - ``attention_queries`` (with ``layer_budget="context_attention"``;
+      ``None``, every context query, by default): the peak attention reads
+      only that many queries, evenly spaced over the context. With 256 the
+      32K prefill above costs +15% instead of +836%, but the peak misses
+      what only a few queries attend to: at 4K the floor's 70.9 / 69.0 /
+      64.6 / 53.8 fall to 68.5 / 65.8 / 59.1 / 40.7 (niah_multikey_2 at 70%
+      84 → 20, niah_single_3 at 90% 100 → 0), so it is a cost knob, not a
+      free saving.
     - ``pool_kernel`` (odd, 1: none) and ``pooling`` (``"max"`` or
       ``"avg"``): the normalised scores pooled over that many neighbouring
       tokens and normalised again, as SnapKV pools its attention, so that a
@@ -306,6 +318,7 @@ class CurDKVPress(Press):
     window: int = 64
     layer_budget: str = "uniform"
     leverage_floor: float = 0.0
+    attention_queries: int | None = None
     pool_kernel: int = 1
     pooling: str = "max"
 
@@ -340,6 +353,10 @@ class CurDKVPress(Press):
         if self.leverage_floor and self.layer_budget != "context_attention":
             raise ValueError(f"leverage_floor={self.leverage_floor!r} reserves part of each head's budget before one "
                              "threshold shares out the rest: it needs layer_budget='context_attention'")
+        check_int("attention_queries", self.attention_queries, 2, allow_none=True)
+        if self.attention_queries is not None and self.layer_budget != "context_attention":
+            raise ValueError(f"attention_queries={self.attention_queries!r} picks the queries of the peak context "
+                             "attention: it needs layer_budget='context_attention'")
         check_odd_kernel("pool_kernel", self.pool_kernel)
         check_choice("pooling", self.pooling, POOLINGS)
         if self.row_space in QUERY_ROW_SPACES and self.rank is None:
@@ -516,8 +533,7 @@ class CurDKVPress(Press):
         lifted = torch.zeros_like(shared).scatter_(-1, leverage.topk(floor, dim=-1).indices, float(seq_len))
         return shared + lifted
 
-    @staticmethod
-    def context_attention(view: ScoringView) -> torch.Tensor:
+    def context_attention(self, view: ScoringView) -> torch.Tensor:
         """:func:`peak_context_attention` of the view's context queries read back after the context, ``[B, H_kv, N]``.
 
         Query ``i`` is moved from position ``i`` to ``N + READ_BACK_GAP + i``,
@@ -528,8 +544,15 @@ class CurDKVPress(Press):
         (Qwen2.5-Coder-0.5B, float32, 4 samples), the gold answer's NLL at
         50% / 70% went from 0.42 / 1.04 with the queries where they are to
         0.06 / 0.13, the full cache's 0.07 and KVzip's 0.06 / 0.11.
+
+        With ``attention_queries=m`` only ``m`` queries, evenly spaced from the
+        first context token to the last, are read back: the cost falls from
+        ``N`` to ``m`` query rows per layer, and a key's peak is then the
+        largest attention it gets from those ``m``.
         """
         queries = view.context_queries("layer_budget='context_attention'")
+        if self.attention_queries is not None and self.attention_queries < view.seq_len:
+            queries = queries[:, :, evenly_spaced(view.seq_len, self.attention_queries, queries.device)]
         try:
             read_back = rotate_by(queries, view.module, view.seq_len + READ_BACK_GAP)
         except ValueError as error:

@@ -8,6 +8,14 @@ import torch
 CHUNK_ENTRIES = 1 << 27
 
 
+def evenly_spaced(n: int, m: int, device: torch.device) -> torch.Tensor:
+    """``min(m, n)`` distinct positions of ``0 .. n-1``, evenly spaced, the first and the last included (``m >= 2``)."""
+    if m >= n:
+        return torch.arange(n, device=device)
+    # Neighbours are (n - 1) / (m - 1) >= 1 apart, so rounding keeps them distinct.
+    return torch.linspace(0, n - 1, m, device=device).round().long()
+
+
 def peak_context_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: float,
                            chunk_size: int | None = None) -> torch.Tensor:
     """For each key, its largest softmax probability over the given queries, float32 ``[B, H_kv, N]``.
