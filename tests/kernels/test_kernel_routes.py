@@ -19,6 +19,7 @@ import curdkv
 import curdkv.kernels.gather
 import curdkv.kernels.ragged_attention
 import curdkv.presses.curdkv
+import curdkv.presses.peak_attention
 import curdkv.presses.window
 import curdkv.selection
 from curdkv.kernels.common import interpreted_on_cpu, on_kernel_device
@@ -37,6 +38,7 @@ WINDOW = (curdkv.presses.window, "fused_window_mean")
 TOPK = (curdkv.selection, "topk_in_order")
 ADAPTIVE = (curdkv.selection, "adaptive_by_kernels")
 GATHER = (curdkv.kernels.gather, "gather_kv")
+PEAK = (curdkv.presses.peak_attention, "peak_attention")
 # Press specs: the sketch's kernel needs r <= D, and these heads are 16 wide.
 ROUTES = {
     "curdkv": [LEVERAGE, TOPK, GATHER],
@@ -47,6 +49,7 @@ ROUTES = {
     "adasnapkv": [WINDOW, ADAPTIVE],
     "knorm": [TOPK, GATHER],
     "chunkkv": [WINDOW],
+    "curdkv:layer_budget=context_attention:leverage_floor=0.25": [LEVERAGE, PEAK],
 }
 
 
@@ -82,8 +85,8 @@ def half_model():
 
 @pytest.mark.parametrize("name", list(ROUTES))
 def test_kernel_routes_keep_the_tokens_of_the_torch_routes(half_model, name, monkeypatch):
-    capture = curdkv.capture_prefill(half_model, random_ids(256, seed=3))
     press = curdkv.get_press(name, 0.6)
+    capture = curdkv.capture_prefill(half_model, random_ids(256, seed=3), query_window=press.query_window)
     by_torch = capture.build_cache(press)
     calls = spy_on(monkeypatch, ROUTES[name])
     with interpreted_on_cpu():

@@ -262,10 +262,13 @@ class CurDKVPress(Press):
       72.1 / 66.6 / 39.4 for KVzip (full cache 70.7); at 8K 64.2 / 62.7 /
       57.7 / 51.4 against 63.0 / 60.8 / 54.3 / 50.5 and 65.8 / 66.6 / 59.9
       / 34.7 (full 65.7). Not the default: it is unmeasured on the 1.5B
-      model, and its peak attention reads every query against every key in
-      float32: 3.9× the prefill at 4K in that run (uniform CurDKV 1.9×,
-      KVzip 5.0×), and +836% on a prefill of Llama-3.1-8B's shape at 32K
-      tokens (uniform CurDKV +6.5%; ``results/prefill_overhead-32k.json``).
+      model, and its peak attention reads every query against every key:
+      with the logits materialised in float32, 3.9× the prefill at 4K in
+      that run (uniform CurDKV 1.9×, KVzip 5.0×) and +836% on a prefill of
+      Llama-3.1-8B's shape at 32K tokens (uniform CurDKV +6.5%;
+      ``results/prefill_overhead-32k.json``). A bf16/fp16 cache on CUDA now
+      takes a Triton kernel that keeps the logits on chip
+      (:mod:`curdkv.kernels.peak_attention`), not yet timed.
     - ``attention_queries`` (with ``layer_budget="context_attention"``;
       ``None``, every context query, by default): the peak attention reads
       only that many queries, evenly spaced over the context. With 256 the

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.common import on_kernel_device
+from ..kernels.peak_attention import peak_attention, peak_supported
+
 # Logits held at once per chunk of queries (float32 entries): 512 MiB, whatever the context's length.
 CHUNK_ENTRIES = 1 << 27
 
@@ -29,8 +32,10 @@ def peak_context_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: f
 
     Queries go through ``chunk_size`` at a time (by default as many as keep
     :data:`CHUNK_ENTRIES` logits), so memory does not grow with ``M · N``.
-    On CUDA the logits are computed in the keys' dtype, as the model's own
-    attention computes them: for an 8B model at 128K tokens they are about
+    With a bf16/fp16 cache on CUDA (and ``chunk_size`` unset) the Triton
+    kernel :func:`curdkv.kernels.peak_attention.peak_attention` does it
+    instead, without writing the logits out. On CUDA the logits are
+    computed in the keys' dtype, as the model's own attention computes them: for an 8B model at 128K tokens they are about
     4.5 PFLOP, over a minute at an H100's float32 rate and seconds on its
     bf16 tensor cores; elsewhere in float32. The softmax is float32
     everywhere.
@@ -39,6 +44,10 @@ def peak_context_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: f
     h_kv, n = keys.shape[1], keys.shape[2]
     if h % h_kv:
         raise ValueError(f"{h} query heads cannot share {h_kv} KV heads evenly")
+    if chunk_size is None and on_kernel_device(keys):
+        half_queries = queries.to(keys.dtype)
+        if peak_supported(half_queries, keys):
+            return peak_attention(half_queries, keys, scaling)
     group = h // h_kv
     if chunk_size is None:
         chunk_size = max(1, CHUNK_ENTRIES // (b * h * n))
