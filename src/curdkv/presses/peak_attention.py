@@ -35,10 +35,10 @@ def peak_context_attention(queries: torch.Tensor, keys: torch.Tensor, scaling: f
     With a bf16/fp16 cache on CUDA (and ``chunk_size`` unset) the Triton
     kernel :func:`curdkv.kernels.peak_attention.peak_attention` does it
     instead, without writing the logits out. On CUDA the logits are
-    computed in the keys' dtype, as the model's own attention computes them: for an 8B model at 128K tokens they are about
-    4.5 PFLOP, over a minute at an H100's float32 rate and seconds on its
-    bf16 tensor cores; elsewhere in float32. The softmax is float32
-    everywhere.
+    computed in the keys' dtype, as the model's own attention computes
+    them: for an 8B model at 128K tokens they are about 4.5 PFLOP, over a
+    minute at an H100's float32 rate and seconds on its bf16 tensor cores;
+    elsewhere in float32. The softmax is float32 everywhere.
     """
     b, h, m, d = queries.shape
     h_kv, n = keys.shape[1], keys.shape[2]
