@@ -25,7 +25,6 @@ ROW_SPACES = ("keys", "window_queries", "reconstruction_queries")
 QUERY_ROW_SPACES = ("window_queries", "reconstruction_queries")
 LAYER_BUDGETS = ("uniform", "leverage_mass", "context_attention")
 POOLINGS = ("max", "avg")
-ATTENTION_QUERY_CHOICES = ("spaced", "leverage")
 DEFAULT_RIDGE = 1e-6
 # Where context attention places the context's queries: after the context and a prompt about as long as
 # KVzip's "repeat the context" prompt with its chat template, as if the model were reading the context back.
@@ -323,7 +322,6 @@ class CurDKVPress(Press):
     layer_budget: str = "uniform"
     leverage_floor: float = 0.0
     attention_queries: int | None = None
-    attention_query_choice: str = "spaced"
     pool_kernel: int = 1
     pooling: str = "max"
 
@@ -362,10 +360,6 @@ class CurDKVPress(Press):
         if self.attention_queries is not None and self.layer_budget != "context_attention":
             raise ValueError(f"attention_queries={self.attention_queries!r} picks the queries of the peak context "
                              "attention: it needs layer_budget='context_attention'")
-        check_choice("attention_query_choice", self.attention_query_choice, ATTENTION_QUERY_CHOICES)
-        if self.attention_query_choice != "spaced" and self.attention_queries is None:
-            raise ValueError(f"attention_query_choice={self.attention_query_choice!r} picks attention_queries of the "
-                             "context's queries: set attention_queries")
         check_odd_kernel("pool_kernel", self.pool_kernel)
         check_choice("pooling", self.pooling, POOLINGS)
         if self.row_space in QUERY_ROW_SPACES and self.rank is None:
@@ -522,7 +516,7 @@ class CurDKVPress(Press):
             # Pooled scores are normalised again: AdaCurDKV compares them across heads as distributions.
             scores = normalise(pool_scores(scores, self.pooling, self.pool_kernel), self.local_window)
         if self.layer_budget == "context_attention":
-            shared = scores * view.seq_len * self.context_attention(view, scores)
+            shared = scores * view.seq_len * self.context_attention(view)
             return self.with_leverage_floor(shared, scores) if self.leverage_floor else shared
         return scores
 
@@ -542,7 +536,7 @@ class CurDKVPress(Press):
         lifted = torch.zeros_like(shared).scatter_(-1, leverage.topk(floor, dim=-1).indices, float(seq_len))
         return shared + lifted
 
-    def context_attention(self, view: ScoringView, leverage: torch.Tensor) -> torch.Tensor:
+    def context_attention(self, view: ScoringView) -> torch.Tensor:
         """:func:`peak_context_attention` of the view's context queries read back after the context, ``[B, H_kv, N]``.
 
         Query ``i`` is moved from position ``i`` to ``N + READ_BACK_GAP + i``,
@@ -554,24 +548,14 @@ class CurDKVPress(Press):
         50% / 70% went from 0.42 / 1.04 with the queries where they are to
         0.06 / 0.13, the full cache's 0.07 and KVzip's 0.06 / 0.11.
 
-        With ``attention_queries=m`` only ``m`` queries are read back: the
-        cost falls from ``N`` to ``m`` query rows per layer, and a key's peak
-        is then the largest attention it gets from those ``m``. They are
-        evenly spaced from the first context token to the last
-        (``attention_query_choice="spaced"``), or the ``m`` tokens of the
-        largest ``leverage`` summed over the layer's heads (``"leverage"``):
-        the rare tokens, a needle's, whose queries attend to the needle's
-        other tokens (chosen per batch row).
+        With ``attention_queries=m`` only ``m`` queries, evenly spaced from the
+        first context token to the last, are read back: the cost falls from
+        ``N`` to ``m`` query rows per layer, and a key's peak is then the
+        largest attention it gets from those ``m``.
         """
         queries = view.context_queries("layer_budget='context_attention'")
-        m = self.attention_queries
-        if m is not None and m < view.seq_len:
-            if self.attention_query_choice == "leverage":
-                chosen = leverage.sum(1).topk(m, dim=-1).indices.sort(dim=-1).values  # [B, m]
-            else:
-                chosen = evenly_spaced(view.seq_len, m, queries.device).expand(queries.shape[0], m)
-            b, h, _, d = queries.shape
-            queries = queries.gather(2, chosen[:, None, :, None].expand(b, h, m, d))
+        if self.attention_queries is not None and self.attention_queries < view.seq_len:
+            queries = queries[:, :, evenly_spaced(view.seq_len, self.attention_queries, queries.device)]
         try:
             read_back = rotate_by(queries, view.module, view.seq_len + READ_BACK_GAP)
         except ValueError as error:
