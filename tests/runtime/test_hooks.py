@@ -471,3 +471,36 @@ def test_recorded_queries_do_not_pin_the_prefill_queries(model):
     for q in cap.queries:
         assert q.shape[2] == 16
         assert q.untyped_storage().nbytes() == q.numel() * q.element_size(), "a view would hold every query"
+
+
+@pytest.mark.parametrize("spec", ["curdkv:layer_budget=context_attention:leverage_floor=0.25", "lava"])
+def test_whole_prefill_presses_score_each_layer_after_its_attention(model, spec, monkeypatch):
+    # A press that reads every context query and sets budgets over all layers is scored right after
+    # each layer's attention, so no layer's queries are held while another layer runs.
+    import curdkv.runtime.hooks as hooks
+
+    press = curdkv.get_press(spec, 0.6)
+    events, real = [], hooks.layer_scores
+
+    def spy(press_, keys, values, queries, module, idx, *args, **kwargs):
+        held = [i for rec in _recorders.values() for i in rec.queries]
+        events.append((idx, queries.shape[2], held))
+        return real(press_, keys, values, queries, module, idx, *args, **kwargs)
+
+    monkeypatch.setattr(hooks, "layer_scores", spy)
+    ids = random_ids(N)
+    cache = CompressedCache()
+    with curdkv.compress(model, press):
+        forward_with_cache(model, cache, input_ids=ids, use_cache=True)
+    layers = model.config.num_hidden_layers
+    assert events == [(i, min(press.query_window, N), []) for i in range(layers)]
+    reference = curdkv.capture_prefill(model, ids, query_window=press.query_window).build_cache(press)
+    for a, b in zip(reference.layers, cache.layers):
+        assert type(a) is type(b)
+        held = ("context_keys", "context_values", "lengths") if hasattr(a, "context_keys") else ("keys", "values")
+        assert all(torch.equal(getattr(a, name), getattr(b, name)) for name in held)
+        assert getattr(b, held[0]).numel() > 0
+    scored = curdkv.runtime.capture.PrefillCapture([None] * layers, [None] * layers, [None] * layers, None, N,
+                                                   scored=(press, [None] * layers))
+    with pytest.raises(ValueError, match="holds the scores of .* alone"):
+        scored.build_cache(press.with_ratio(0.5))

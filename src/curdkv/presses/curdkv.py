@@ -242,9 +242,11 @@ class CurDKVPress(Press):
       budget (head-adaptive, ragged cache), as in KVzip, whose lead on
       RULER's multikey needles comes mostly from those budgets. It reads
       every context query (``query_window``: all) and compresses when the
-      prefill ends, so until then it holds every layer's queries beside the
-      full cache (for Llama-3.1-8B at 128K tokens, 34 GB of bf16 queries);
-      its extra cost is one ``QKᵀ`` per layer. Measured on
+      prefill ends: :func:`curdkv.compress` scores each layer right after
+      its attention and drops its queries, holding the full cache and the
+      scores until then, while ``capture_prefill`` keeps every layer's
+      queries (for Llama-3.1-8B at 128K tokens, 34 GB in bf16); its extra
+      cost is one ``QKᵀ`` per layer. Measured on
       RULER 4K with the 0.5B model (36 samples, float32;
       ``results/ruler-qwen2.5-coder-0.5b-4k/attention-budget/study.md``):
       niah_multikey_2 rises from 67 / 0 to 100 / 100 at 50 / 70%, but the

@@ -40,8 +40,11 @@ class PrefillCapture:
     """
 
     def __init__(self, keys, values, queries, modules, seq_len: int, *, model=None, next_token=None,
-                 input_ids=None, tokenizer=None):
+                 input_ids=None, tokenizer=None, scored: tuple[Press, list[torch.Tensor]] | None = None):
         self.keys, self.values, self.queries = keys, values, queries
+        # (press, each layer's scores) computed while the prefill ran; build_cache(press) then reads
+        # no queries, which :func:`curdkv.compress` dropped layer by layer.
+        self.scored = scored
         self.modules = modules
         self.seq_len = seq_len
         self.model, self.next_token, self.input_ids = model, next_token, input_ids
@@ -94,15 +97,23 @@ class PrefillCapture:
                 [CompressedLayer.from_states(k, v, 0) for k, v in zip(self.keys, self.values)]
             )
         check_press(press)
-        queries = self.window_queries(press)
+        if self.scored is not None:
+            if press is not self.scored[0]:
+                raise ValueError(f"this capture holds the scores of {self.scored[0].describe()} alone, "
+                                 f"not its queries: it cannot build {press.describe()}")
+            queries, scores = [None] * self.num_layers, self.scored[1]
+        else:
+            queries, scores = self.window_queries(press), None
         if press.needs_full_prefill:
             # Budgets across layers need every layer's scores before any layer is cut.
-            scores = self.scores(press, queries)
+            if scores is None:
+                scores = self.scores(press, queries)
             keeps = press.layer_keeps(scores, self.seq_len)
         else:
             keeps = [press.layer_keep(self.seq_len, i, self.num_layers) for i in range(self.num_layers)]
             nothing_evicted = all(k >= self.seq_len for k in keeps)
-            scores = [None] * self.num_layers if nothing_evicted else self.scores(press, queries)
+            if scores is None:
+                scores = [None] * self.num_layers if nothing_evicted else self.scores(press, queries)
         inputs = list(zip(self.keys, self.values, queries, self.modules, scores, keeps))
         # On the GPU every layer's checks are read back once, at the end: a read back per layer
         # would stop the host from queueing the next layer while the GPU works on this one.

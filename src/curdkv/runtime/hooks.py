@@ -21,7 +21,7 @@ from .capture import PrefillCapture
 from .decoding import DecodeBudget
 from .graph_decode import resolve_cuda_graph
 from .graph_generate import GraphGenerate
-from .layer import LAYOUTS, compress_layer
+from .layer import LAYOUTS, compress_layer, layer_scores
 from .model import attention_modules, compressing, refuse_inside_compress
 from .overlap import SideStream
 
@@ -170,13 +170,31 @@ class _LayerByLayer(_Hooks):
 
 class _WholePrefill(_Hooks):
     """Every layer at once when a first prefill ends, through :meth:`PrefillCapture.build_cache`
-    (presses that compress after the prefill: layer budgets from every layer, lookahead queries)."""
-
-    per_layer = False
+    (presses that compress after the prefill: layer budgets from every layer, lookahead queries).
+    Where a layer's scores need only that layer, they are computed after its attention."""
 
     def __init__(self, press: Press, layout, modules, tokenizer=None):
         super().__init__(press, layout, modules, QueryRecorder(press.query_window))
         self.tokenizer = tokenizer
+        # A press whose scores need only their own layer (not the model's reconstruction or lookahead
+        # passes) is scored right after each layer's attention: the queries it reads, every context
+        # query for some, are dropped layer by layer instead of held until the prefill ends.
+        self.per_layer = not (press.reconstructs_context or press.lookahead_tokens)
+        self.scored: dict[int, torch.Tensor] = {}
+
+    def before_forward(self, model, args, kwargs) -> None:
+        super().before_forward(model, args, kwargs)
+        if self.depth == 1:
+            self.scored.clear()
+
+    def after_attention(self, module, args, kwargs, output) -> None:
+        if self.depth > 1:
+            return
+        idx, _, first_prefill = self.layer_call(module)
+        if not first_prefill:
+            return
+        layer = self.layer_cache(idx, kwargs, args).layers[idx]
+        self.scored[idx] = layer_scores(self.press, layer.keys, layer.values, self.recorder.pop(idx), module, idx)
 
     def finish(self, model, args, kwargs, output) -> None:
         first = self.due()
@@ -186,15 +204,24 @@ class _WholePrefill(_Hooks):
         n = self.recorder.calls[first[0]][0]
         layers = [cache.layers[i] for i in range(len(self.modules))]
         ids = kwargs.get("input_ids", args[0] if args else None)
+        scored = None
+        if self.per_layer:
+            missing = [i for i in range(len(self.modules)) if i not in self.scored]
+            if missing:
+                raise self.failure(missing[0], "its prefill attention was never scored")
+            scored = (self.press, [self.scored.pop(i) for i in range(len(self.modules))])
         capture = PrefillCapture(
             keys=[layer.keys for layer in layers], values=[layer.values for layer in layers],
             queries=[self.recorder.pop(i) for i in range(len(self.modules))], modules=self.modules, seq_len=n,
             model=model, next_token=output.logits[:, -1].argmax(-1),
-            input_ids=ids if isinstance(ids, torch.Tensor) else None, tokenizer=self.tokenizer,
+            input_ids=ids if isinstance(ids, torch.Tensor) else None, tokenizer=self.tokenizer, scored=scored,
         )
         for i, layer in enumerate(capture.build_cache(self.press, self.layout).layers):
             cache.layers[i] = layer
             self.handled[i] = None
+
+    def close(self) -> None:
+        self.scored.clear()
 
 
 class _DecodeBudget(_Hooks):
