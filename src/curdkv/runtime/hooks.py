@@ -100,6 +100,16 @@ class _Hooks:
     def after_attention(self, module, args, kwargs, output) -> None:
         raise NotImplementedError
 
+    def first_prefill_cache(self, module, args, kwargs):
+        """``(layer index, cache)`` when the attention call that just ran was a first prefill of the outermost
+        forward, else ``None``: tokens appended to an existing cache are never evicted."""
+        if self.depth > 1:
+            return None
+        idx, _, first_prefill = self.layer_call(module)
+        if not first_prefill:
+            return None
+        return idx, self.layer_cache(idx, kwargs, args)
+
     def after_forward(self, model, args, kwargs, output) -> None:
         try:
             # ``output`` is None when the forward raised (the hook is always called, to keep depth right).
@@ -139,12 +149,10 @@ class _LayerByLayer(_Hooks):
         self.side = side
 
     def after_attention(self, module, args, kwargs, output) -> None:
-        if self.depth > 1:
+        prefilled = self.first_prefill_cache(module, args, kwargs)
+        if prefilled is None:
             return
-        idx, _, first_prefill = self.layer_call(module)
-        if not first_prefill:
-            return  # tokens appended to an existing cache are never evicted
-        cache = self.layer_cache(idx, kwargs, args)
+        idx, cache = prefilled
         layer = cache.layers[idx]
         keys, values = layer.keys, layer.values
         queries = self.recorder.pop(idx)
@@ -188,12 +196,11 @@ class _WholePrefill(_Hooks):
             self.scored.clear()
 
     def after_attention(self, module, args, kwargs, output) -> None:
-        if self.depth > 1:
+        prefilled = self.first_prefill_cache(module, args, kwargs)
+        if prefilled is None:
             return
-        idx, _, first_prefill = self.layer_call(module)
-        if not first_prefill:
-            return
-        layer = self.layer_cache(idx, kwargs, args).layers[idx]
+        idx, cache = prefilled
+        layer = cache.layers[idx]
         self.scored[idx] = layer_scores(self.press, layer.keys, layer.values, self.recorder.pop(idx), module, idx)
 
     def finish(self, model, args, kwargs, output) -> None:
