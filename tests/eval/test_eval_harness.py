@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import importlib.util
 import json
@@ -204,8 +205,13 @@ def test_sweep_resumes_without_redoing_answers(tiny, tokenizer, tmp_path):
         sweep_module.record_key(json.loads(l)) for l in lines)
 
 
-def test_ranks_take_every_nth_sample_and_merge(tiny, tokenizer, tmp_path, monkeypatch):
-    samples = _samples(3)
+def test_ranks_take_every_nth_sample_and_merge_into_the_one_process_outputs(tiny, tokenizer, tmp_path, monkeypatch):
+    from curdkv.eval.results import write_outputs
+
+    # Two tasks whose names sort the other way round from the run's order, so that an
+    # alphabetical merge would reorder the summary.
+    samples = [dataclasses.replace(s, task=task, index=i) for task in ("zeta", "alpha")
+               for i, s in enumerate(_samples(2))]
     configs = CONFIGS[:2]
     for rank in (0, 1):
         monkeypatch.setattr(sweep_module, "distributed_rank", lambda rank=rank: (rank, 2))
@@ -214,12 +220,17 @@ def test_ranks_take_every_nth_sample_and_merge(tiny, tokenizer, tmp_path, monkey
     assert {p.name for p in tmp_path.iterdir()} == {"predictions-rank0.jsonl", "predictions-rank1.jsonl"}
     rank1 = [json.loads(l)["index"] for l in (tmp_path / "predictions-rank1.jsonl").read_text().splitlines()]
     assert set(rank1) == {1}
-    merge_ranks(tmp_path)
+    merge_ranks(tmp_path, samples, configs)
     assert {p.name for p in tmp_path.iterdir()} == {"predictions.jsonl"}
     single = tmp_path / "single"
     Sweep(tiny, tokenizer, "tiny", configs, single, _score).run(samples)
-    strip = lambda rs: sorted((sweep_module.record_key(r), r["prediction"]) for r in rs)  # noqa: E731
-    assert strip(read_predictions(tmp_path)) == strip(read_predictions(single))
+    in_order = lambda rs: [(record_key(r), r["prediction"]) for r in rs]  # noqa: E731
+    assert in_order(read_predictions(tmp_path)) == in_order(read_predictions(single))
+    merged, alone = tmp_path / "merged-out", tmp_path / "single-out"
+    write_outputs(read_predictions(tmp_path), merged)
+    write_outputs(read_predictions(single), alone)
+    assert (merged / "summary.csv").read_text() == (alone / "summary.csv").read_text()
+    assert [r["task"] for r in csv.DictReader(open(merged / "summary.csv"))][0] == "zeta"
 
 
 # ----------------------------------------------------------------------------------- samples and outputs

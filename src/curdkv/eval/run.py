@@ -121,7 +121,7 @@ def run_eval(
         torch.distributed.barrier()
         if rank != 0:
             return None
-        merge_ranks(out_dir)
+        merge_ranks(out_dir, samples, configs)
     settings = {
         "family": family.name, "model": model_name, **family.params,
         "configs": [[c.label, c.ratio] for c in configs], "averages": family.averages,

@@ -143,6 +143,21 @@ def read_predictions(out_dir: Path) -> list[dict]:
     return list(records.values())
 
 
+def answer_order(samples: list[EvalSample]) -> dict[tuple, int]:
+    """Each sample's place, by ``(task, length, index)``, in the order a run answers them.
+
+    Round-robin over tasks and lengths (sample 0 of every task, then sample
+    1, ...), so a run stopped part-way has answered every task on its first
+    samples rather than some tasks only. Merged ranks are written in this
+    order too, so that a sharded run's outputs read as one process's.
+    """
+    task_rank: dict[tuple, int] = {}
+    for s in samples:
+        task_rank.setdefault((s.task, s.length), len(task_rank))
+    ordered = sorted(samples, key=lambda s: (s.index, task_rank[(s.task, s.length)]))
+    return {(s.task, s.length, s.index): i for i, s in enumerate(ordered)}
+
+
 def distributed_rank() -> tuple[int, int]:
     """(rank, world size) under torch.distributed, (0, 1) otherwise."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -189,12 +204,8 @@ class Sweep:
             left = [c for c in self.configs if config_key(sample, c) not in done]
             if left:
                 todo.append((sample, left))
-        # Round-robin over tasks and lengths (sample 0 of every task, then sample 1, ...), so a
-        # run stopped part-way has answered every task on its first samples rather than some tasks only.
-        task_rank: dict[tuple, int] = {}
-        for s in samples:
-            task_rank.setdefault((s.task, s.length), len(task_rank))
-        todo.sort(key=lambda item: (item[0].index, task_rank[(item[0].task, item[0].length)]))
+        position = answer_order(samples)
+        todo.sort(key=lambda item: position[(item[0].task, item[0].length, item[0].index)])
         return todo
 
     def run(self, samples: list[EvalSample], progress=None) -> None:
@@ -268,10 +279,25 @@ def _last_byte(path: Path) -> bytes:
         return f.read(1)
 
 
-def merge_ranks(out_dir) -> Path:
-    """Rank 0 after a distributed run: fold every rank's file into ``predictions.jsonl``."""
+def merge_ranks(out_dir, samples: list[EvalSample], configs: list[Config]) -> Path:
+    """Rank 0 after a distributed run: fold every rank's file into ``predictions.jsonl``.
+
+    Records are written in the order one process would have answered them
+    (:func:`answer_order`, then the configurations' order), so the summary,
+    whose tasks and presses keep the order they first appear in, is the
+    one-process run's. Records of samples or configurations outside this
+    run (an earlier run's, in the same folder) follow, in key order.
+    """
     out_dir = Path(out_dir)
-    records = sorted(read_predictions(out_dir), key=record_key)
+    position = answer_order(samples)
+    config_rank = {(c.label, None if c.tolerance is not None else float(c.ratio)): i for i, c in enumerate(configs)}
+
+    def order(record: dict) -> tuple:
+        task, length, index, press, ratio = record_key(record)
+        return (position.get((task, length, index), len(position)), config_rank.get((press, ratio), len(config_rank)),
+                task, length, index, press, -1.0 if ratio is None else ratio)
+
+    records = sorted(read_predictions(out_dir), key=order)
     target = out_dir / PREDICTIONS
     tmp = target.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
