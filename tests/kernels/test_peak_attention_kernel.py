@@ -37,8 +37,10 @@ def half_inputs(b, h, m, h_kv, n, d, seed):
 
 
 @pytest.mark.parametrize("b,h,m,h_kv,n,d", [
-    (1, 4, 100, 2, 150, 16),  # GQA groups of 2; neither length a multiple of the 64-row blocks
-    (2, 2, 64, 2, 64, 32),  # batch 2, no grouping, whole blocks
+    (1, 4, 100, 2, 150, 16),  # GQA groups of 2; neither length a multiple of a block
+    (2, 2, 64, 2, 64, 32),  # batch 2, no grouping
+    (1, 2, 256, 1, 256, 16),  # whole blocks, several of each in both passes
+    (1, 4, 300, 2, 260, 32),  # several blocks in both passes, the last of each partial
     (1, 3, 1, 1, 200, 16),  # one query: its softmax alone
     (1, 1, 130, 1, 5, 64),  # fewer keys than a block
 ])

@@ -17,7 +17,12 @@ Here two passes keep every logit on chip:
 
 Q and K are read again per block instead of the logits being stored, so
 the cost is two ``QKᵀ`` products on the tensor cores and memory traffic
-that does not grow with ``M · N``.
+that does not grow with ``M · N``. On the same layer shape on an H100: 61
+ms at 32K tokens, 286 TFLOP/s, 36% of the bf16 matmul rate measured there
+(``benchmarks/peak_attention.py``, ``results/peak_attention.json``). Its
+probabilities differ from the torch route's by up to 2% (relative, above
+1e-3): that route rounds the logits to bf16, the kernel keeps them in
+float32.
 """
 
 from __future__ import annotations

@@ -265,14 +265,20 @@ class CurDKVPress(Press):
       4K, against 65.4 / 64.1 / 57.1 / 51.4 for uniform CurDKV and 71.7 /
       72.1 / 66.6 / 39.4 for KVzip (full cache 70.7); at 8K 64.2 / 62.7 /
       57.7 / 51.4 against 63.0 / 60.8 / 54.3 / 50.5 and 65.8 / 66.6 / 59.9
-      / 34.7 (full 65.7). Not the default: it is unmeasured on the 1.5B
-      model, and its peak attention reads every query against every key:
-      with the logits materialised in float32, 3.9× the prefill at 4K in
-      that run (uniform CurDKV 1.9×, KVzip 5.0×) and +836% on a prefill of
-      Llama-3.1-8B's shape at 32K tokens (uniform CurDKV +6.5%;
-      ``results/prefill_overhead-32k.json``). A bf16/fp16 cache on CUDA now
-      takes a Triton kernel that keeps the logits on chip
-      (:mod:`curdkv.kernels.peak_attention`), not yet timed.
+      / 34.7 (full 65.7); on the 1.5B model (4K) 81.8 / 78.4 / 67.7 / 56.2
+      against 75.1 / 72.6 / 62.5 / 51.4 and KVzip's 83.3 / 81.3 / 74.7 /
+      47.2 (full 83.6). Not the default: it trails KVzip at 30-70% on the
+      1.5B model, and its peak attention reads every query against every
+      key, two ``QKᵀ`` products per layer, twice the FLOPs of the prefill's
+      own causal attention. With the logits materialised (the softmax in
+      float32) that was 3.9× the prefill at 4K on the 0.5B model (uniform
+      CurDKV 1.9×, KVzip 5.0×) and +836% on a prefill of Llama-3.1-8B's
+      shape at 32K tokens (uniform CurDKV +6.5%;
+      ``results/prefill_overhead-32k.json``).
+      A bf16/fp16 cache on CUDA takes a Triton kernel that keeps the logits
+      on chip (:mod:`curdkv.kernels.peak_attention`): there the 32K
+      prefill's overhead is +160% (72 ms per layer, H100;
+      ``results/prefill_overhead-32k-peak-kernel.json``).
     - ``attention_queries`` (with ``layer_budget="context_attention"``;
       ``None``, every context query, by default): the peak attention reads
       only that many queries, evenly spaced over the context. With 256 the
