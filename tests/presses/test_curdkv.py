@@ -506,6 +506,33 @@ def test_leverage_floor_keeps_each_heads_top_leverage_before_the_shared_threshol
         CurDKVPress(0.5, layer_budget="context_attention", attention_queries=1)
 
 
+def test_context_attention_within_each_layer_keeps_uniform_layer_budgets_and_shares_them_over_heads():
+    import curdkv
+    from conftest import random_ids, tiny_model
+
+    model, ids = tiny_model("tiny-llama"), random_ids(100, seed=8)
+    press = curdkv.get_press("curdkv:layer_budget=context_attention:shared_over_layers=false", 0.7)
+    shared = curdkv.get_press("curdkv:layer_budget=context_attention", 0.7)
+    assert press.head_adaptive
+    capture = curdkv.capture_prefill(model, ids, query_window=press.query_window)
+    queries = capture.window_queries(press)
+    cache = capture.build_cache(press)
+    assert press.layer_keeps(capture.scores(press, queries), 100) == [30, 30]
+    assert shared.layer_keeps(capture.scores(shared, queries), 100) == [33, 27]  # one threshold over both layers
+    for i, layer in enumerate(cache.layers):
+        # The layer's 2 x 30 slots go to its top 60 scores over both heads (sinks first), not 30 per head.
+        score = shared.score(ScoringView(capture.keys[i], capture.values[i], queries[i], capture.modules[i], i))[0]
+        score[:, :4] = float("inf")
+        top = score.flatten().topk(60).indices
+        assert layer.lengths.tolist() == [[int((top // 100 == h).sum()) for h in range(2)]]
+        assert layer.lengths.sum() == 60
+    assert min(int(layer.lengths.min()) for layer in cache.layers) < 30  # the heads' shares differ
+    with pytest.raises(ValueError, match="shared_over_layers=False .* needs layer_budget='context_attention'"):
+        CurDKVPress(0.5, shared_over_layers=False)
+    with pytest.raises(ValueError, match="shared_over_layers must be True or False"):
+        CurDKVPress(0.5, layer_budget="context_attention", shared_over_layers="no")
+
+
 @pytest.mark.parametrize("pooling", ["max", "avg"])
 def test_pooled_scores_are_the_neighbourhood_of_each_token_renormalised(pooling):
     keys, values = make_states(40, 8, seed=5)

@@ -287,6 +287,11 @@ class CurDKVPress(Press):
       64.6 / 53.8 fall to 68.5 / 65.8 / 59.1 / 40.7 (niah_multikey_2 at 70%
       84 → 20, niah_single_3 at 90% 100 → 0), so it is a cost knob, not a
       free saving.
+    - ``shared_over_layers`` (with ``layer_budget="context_attention"``;
+      ``True`` by default): ``False`` keeps every layer's uniform budget and
+      lets the threshold share it out over that layer's heads only, which
+      tells apart what the budgets across layers and those across heads
+      each add.
     - ``pool_kernel`` (odd, 1: none) and ``pooling`` (``"max"`` or
       ``"avg"``): the normalised scores pooled over that many neighbouring
       tokens and normalised again, as SnapKV pools its attention, so that a
@@ -332,6 +337,7 @@ class CurDKVPress(Press):
     layer_budget: str = "uniform"
     leverage_floor: float = 0.0
     attention_queries: int | None = None
+    shared_over_layers: bool = True
     pool_kernel: int = 1
     pooling: str = "max"
 
@@ -370,6 +376,11 @@ class CurDKVPress(Press):
         if self.attention_queries is not None and self.layer_budget != "context_attention":
             raise ValueError(f"attention_queries={self.attention_queries!r} picks the queries of the peak context "
                              "attention: it needs layer_budget='context_attention'")
+        if not isinstance(self.shared_over_layers, bool):
+            raise ValueError(f"shared_over_layers must be True or False, got {self.shared_over_layers!r}")
+        if not self.shared_over_layers and self.layer_budget != "context_attention":
+            raise ValueError("shared_over_layers=False keeps each layer's uniform budget and shares it over the "
+                             "layer's heads by context attention: it needs layer_budget='context_attention'")
         check_odd_kernel("pool_kernel", self.pool_kernel)
         check_choice("pooling", self.pooling, POOLINGS)
         if self.row_space in QUERY_ROW_SPACES and self.rank is None:
@@ -450,7 +461,7 @@ class CurDKVPress(Press):
         state += query_gram(queries, state.shape[1])
 
     def layer_keeps(self, scores: list[torch.Tensor], seq_len: int) -> list[int]:
-        if self.layer_budget == "uniform":
+        if self.layer_budget == "uniform" or not self.shared_over_layers:
             return super().layer_keeps(scores, seq_len)
         n_keep = kept_count(seq_len, self.compression_ratio)
         check_budget(seq_len, n_keep, self.protected_sinks, self.protected_recent)
