@@ -291,7 +291,11 @@ class CurDKVPress(Press):
       ``True`` by default): ``False`` keeps every layer's uniform budget and
       lets the threshold share it out over that layer's heads only, which
       tells apart what the budgets across layers and those across heads
-      each add.
+      each add. Measured on RULER 4K with the 0.5B model (6 samples per
+      task, float32; ``results/ruler-qwen2.5-coder-0.5b-4k/layer-scope/``):
+      within each layer niah_multikey_2 at 50 / 70% falls from 83 / 83 to
+      uniform CurDKV's 67 / 0, and cwe rises from 30 / 30 to 53 / 40: the
+      budgets across layers make the multikey gain and the cwe loss.
     - ``pool_kernel`` (odd, 1: none) and ``pooling`` (``"max"`` or
       ``"avg"``): the normalised scores pooled over that many neighbouring
       tokens and normalised again, as SnapKV pools its attention, so that a
