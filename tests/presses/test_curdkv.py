@@ -533,6 +533,44 @@ def test_context_attention_within_each_layer_keeps_uniform_layer_budgets_and_sha
         CurDKVPress(0.5, layer_budget="context_attention", shared_over_layers="no")
 
 
+def test_layer_floor_keeps_each_layers_top_share_before_the_threshold_over_layers():
+    import curdkv
+    from conftest import random_ids, tiny_model
+
+    model, ids = tiny_model("tiny-llama"), random_ids(100, seed=8)
+    spec = "curdkv:layer_budget=context_attention"
+    capture = curdkv.capture_prefill(model, ids, query_window=curdkv.get_press(spec, 0.7).query_window)
+    queries = capture.window_queries(curdkv.get_press(spec, 0.7))
+
+    def keeps(press):
+        return press.layer_keeps(capture.scores(press, queries), 100)
+
+    assert keeps(curdkv.get_press(spec, 0.7)) == [33, 27]  # one threshold: layer 1 under its uniform 30 per head
+    floored = curdkv.get_press(spec + ":layer_floor=0.95", 0.7)
+    assert min(keeps(floored)) >= 28 and sum(keeps(floored)) == 2 * 30
+    # Each layer holds its own top 2 x 28 scores (sinks counted), whatever the threshold gave it.
+    cache = capture.build_cache(floored)
+    plain = curdkv.get_press(spec, 0.7)
+    for i, layer in enumerate(cache.layers):
+        score = plain.score(ScoringView(capture.keys[i], capture.values[i], queries[i], capture.modules[i], i))[0]
+        score[:, :4] = float("inf")
+        for flat in score.flatten().topk(56).indices.tolist():
+            h, t = divmod(flat, 100)
+            held = layer.context_keys[int(layer.offsets[h]) : int(layer.offsets[h + 1])]
+            assert (held == capture.keys[i][0, h, t]).all(-1).any(), (i, h, t)
+    # A floor of the whole budget is the uniform layer budgets shared over each layer's heads.
+    whole = capture.build_cache(curdkv.get_press(spec + ":layer_floor=1.0", 0.7))
+    within = capture.build_cache(curdkv.get_press(spec + ":shared_over_layers=false", 0.7))
+    for a, b in zip(whole.layers, within.layers):
+        assert torch.equal(a.lengths, b.lengths) and torch.equal(a.context_keys, b.context_keys)
+    with pytest.raises(ValueError, match="layer_floor=0.5 .* needs layer_budget='context_attention'"):
+        CurDKVPress(0.5, layer_floor=0.5)
+    with pytest.raises(ValueError, match="shared_over_layers=True"):
+        CurDKVPress(0.5, layer_budget="context_attention", shared_over_layers=False, layer_floor=0.5)
+    with pytest.raises(ValueError, match=r"layer_floor must be in \[0, 1\]"):
+        CurDKVPress(0.5, layer_budget="context_attention", layer_floor=2.0)
+
+
 @pytest.mark.parametrize("pooling", ["max", "avg"])
 def test_pooled_scores_are_the_neighbourhood_of_each_token_renormalised(pooling):
     keys, values = make_states(40, 8, seed=5)

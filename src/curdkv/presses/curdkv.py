@@ -296,6 +296,12 @@ class CurDKVPress(Press):
       within each layer niah_multikey_2 at 50 / 70% falls from 83 / 83 to
       uniform CurDKV's 67 / 0, and cwe rises from 30 / 30 to 53 / 40: the
       budgets across layers make the multikey gain and the cwe loss.
+    - ``layer_floor`` (with ``layer_budget="context_attention"``; 0, none, by
+      default): each layer first keeps its top ``layer_floor`` share of its
+      uniform budget over all its heads, and one threshold over every layer
+      shares out the rest (:meth:`with_layer_floor`): a floor under each
+      layer's budget, as ``leverage_floor`` is one under each head's.
+      ``layer_floor=1`` is ``shared_over_layers=False``.
     - ``pool_kernel`` (odd, 1: none) and ``pooling`` (``"max"`` or
       ``"avg"``): the normalised scores pooled over that many neighbouring
       tokens and normalised again, as SnapKV pools its attention, so that a
@@ -342,6 +348,7 @@ class CurDKVPress(Press):
     leverage_floor: float = 0.0
     attention_queries: int | None = None
     shared_over_layers: bool = True
+    layer_floor: float = 0.0
     pool_kernel: int = 1
     pooling: str = "max"
 
@@ -385,6 +392,13 @@ class CurDKVPress(Press):
         if not self.shared_over_layers and self.layer_budget != "context_attention":
             raise ValueError("shared_over_layers=False keeps each layer's uniform budget and shares it over the "
                              "layer's heads by context attention: it needs layer_budget='context_attention'")
+        check_float("layer_floor", self.layer_floor, 0.0)
+        if self.layer_floor > 1.0:
+            raise ValueError(f"layer_floor must be in [0, 1] (a share of each layer's budget), got {self.layer_floor!r}")
+        if self.layer_floor and (self.layer_budget != "context_attention" or not self.shared_over_layers):
+            raise ValueError(f"layer_floor={self.layer_floor!r} holds part of each layer's budget back from the "
+                             "threshold over all layers: it needs layer_budget='context_attention' and "
+                             "shared_over_layers=True")
         check_odd_kernel("pool_kernel", self.pool_kernel)
         check_choice("pooling", self.pooling, POOLINGS)
         if self.row_space in QUERY_ROW_SPACES and self.rank is None:
@@ -542,7 +556,9 @@ class CurDKVPress(Press):
             scores = normalise(pool_scores(scores, self.pooling, self.pool_kernel), self.local_window)
         if self.layer_budget == "context_attention":
             shared = scores * view.seq_len * self.context_attention(view)
-            return self.with_leverage_floor(shared, scores) if self.leverage_floor else shared
+            if self.leverage_floor:
+                shared = self.with_leverage_floor(shared, scores)
+            return self.with_layer_floor(shared) if self.layer_floor else shared
         return scores
 
     def with_leverage_floor(self, shared: torch.Tensor, leverage: torch.Tensor) -> torch.Tensor:
@@ -560,6 +576,25 @@ class CurDKVPress(Press):
             return shared
         lifted = torch.zeros_like(shared).scatter_(-1, leverage.topk(floor, dim=-1).indices, float(seq_len))
         return shared + lifted
+
+    def with_layer_floor(self, shared: torch.Tensor) -> torch.Tensor:
+        """``shared`` scores with the layer's top ``layer_floor`` share of its uniform budget, over all its heads, first.
+
+        The lift is ``N``, as for :meth:`with_leverage_floor`, applied after it
+        (its lifted tokens are then among the layer's top). One threshold over
+        every layer keeps the lifted tokens before it shares out the rest, so
+        no layer keeps less than that share of its uniform budget, while the
+        heads of a layer still share it by their scores.
+        """
+        b, heads, seq_len = shared.shape
+        floor = int(self.layer_floor * kept_count(seq_len, self.compression_ratio)) * heads
+        if floor == 0:
+            return shared
+        # The sinks, which the threshold keeps whatever their scores, count towards the floor.
+        sinks = torch.arange(min(self.num_sinks, seq_len), device=shared.device)
+        ranked = shared.index_fill(-1, sinks, float("inf")).reshape(b, heads * seq_len)
+        lifted = torch.zeros_like(ranked).scatter_(-1, ranked.topk(floor, dim=-1).indices, float(seq_len))
+        return shared + lifted.view(b, heads, seq_len)
 
     def context_attention(self, view: ScoringView) -> torch.Tensor:
         """:func:`peak_context_attention` of the view's context queries read back after the context, ``[B, H_kv, N]``.
