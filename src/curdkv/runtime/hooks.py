@@ -98,17 +98,17 @@ class _Hooks:
         return cache
 
     def after_attention(self, module, args, kwargs, output) -> None:
-        raise NotImplementedError
-
-    def first_prefill_cache(self, module, args, kwargs):
-        """``(layer index, cache)`` when the attention call that just ran was a first prefill of the outermost
-        forward, else ``None``: tokens appended to an existing cache are never evicted."""
+        """Hand the layer to :meth:`prefilled` when its attention just ran a first prefill of the outermost
+        forward: tokens appended to an existing cache are never evicted."""
         if self.depth > 1:
-            return None
+            return
         idx, _, first_prefill = self.layer_call(module)
-        if not first_prefill:
-            return None
-        return idx, self.layer_cache(idx, kwargs, args)
+        if first_prefill:
+            self.prefilled(module, idx, self.layer_cache(idx, kwargs, args))
+
+    def prefilled(self, module, idx: int, cache) -> None:
+        """What happens to layer ``idx`` of ``cache`` right after its first prefill's attention."""
+        raise NotImplementedError
 
     def after_forward(self, model, args, kwargs, output) -> None:
         try:
@@ -148,13 +148,8 @@ class _LayerByLayer(_Hooks):
         super().__init__(press, layout, modules, QueryRecorder(press.query_window))
         self.side = side
 
-    def after_attention(self, module, args, kwargs, output) -> None:
-        prefilled = self.first_prefill_cache(module, args, kwargs)
-        if prefilled is None:
-            return
-        idx, cache = prefilled
-        layer = cache.layers[idx]
-        keys, values = layer.keys, layer.values
+    def prefilled(self, module, idx: int, cache) -> None:
+        keys, values = cache.layers[idx].keys, cache.layers[idx].values
         queries = self.recorder.pop(idx)
         if self.side is not None and keys.is_cuda:
             compressed = self.side.run(
@@ -195,11 +190,7 @@ class _WholePrefill(_Hooks):
         if self.depth == 1:
             self.scored.clear()
 
-    def after_attention(self, module, args, kwargs, output) -> None:
-        prefilled = self.first_prefill_cache(module, args, kwargs)
-        if prefilled is None:
-            return
-        idx, cache = prefilled
+    def prefilled(self, module, idx: int, cache) -> None:
         layer = cache.layers[idx]
         self.scored[idx] = layer_scores(self.press, layer.keys, layer.values, self.recorder.pop(idx), module, idx)
 
